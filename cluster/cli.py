@@ -1,0 +1,181 @@
+"""The `rayft` command line.
+
+    rayft validate CONFIG.yaml [key=value ...]   check a config; exit 1 listing every problem
+    rayft train    CONFIG.yaml [key=value ...]   fine-tune through Ray Train
+    rayft export   CONFIG.yaml [key=value ...]   merge the adapter into the base model
+    rayft serve    CONFIG.yaml [key=value ...]   OpenAI API on Ray Serve (127.0.0.1 by default)
+    rayft chat     CONFIG.yaml [key=value ...] [--prompt TEXT]
+    rayft prepare-model [--cache-dir DIR]        write the bundled Gemma 3 270M as safetensors
+    rayft demo                                   train, merge, serve and answer, end to end
+
+Overrides use LLaMA-Factory's `key=value` form (dotted for sections: `ray.num_workers=2`).
+Every config problem is reported before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from configs import ConfigError, RayftConfig
+
+DEFAULT_CACHE = Path(".cache/models")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (LLaMA-Factory keys work as they are)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Run every training pre-flight check and print the verdict."""
+    from jobs.preflight import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    print(f"{args.config}: OK (stage {config.stage}, {config.finetuning_type}, "
+          f"datasets {', '.join(config.dataset_names)}, template {config.template})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train on a private local Ray, or on `ray.address`."""
+    from jobs.train import main as train_main
+
+    train_main([args.config, *args.overrides])
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Merge the adapter and write `export_dir`."""
+    from jobs.export import main as export_main
+
+    export_main([args.config, *args.overrides])
+    return 0
+
+
+def serve_args_from_config(config: RayftConfig, *, num_cpus_per_replica: float = 1.0):  # noqa: ANN201
+    """The serving settings a config implies: model, adapter, template, sampling, address."""
+    from data_pipelines.templates import get_template
+    from serve import ServeArgs
+
+    template = get_template(config.template) if config.template else None
+    return ServeArgs(
+        model_path=config.model_name_or_path,
+        adapter_path=config.adapter_name_or_path,
+        model_name=config.serve.model_name or "",
+        chat_template=template.to_jinja() if template else None,
+        stop_words=list(template.stop_words) if template else [],
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        host=config.serve.host,
+        port=config.serve.port,
+        num_cpus_per_replica=num_cpus_per_replica,
+        trust_remote_code=config.trust_remote_code,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the configured model until interrupted."""
+    from jobs.preflight import load_infer_config
+    from jobs.resources import plan_resources
+    from jobs.runtime import local_ray
+    from serve import run_server
+
+    config = load_infer_config(args.config, args.overrides)
+    with local_ray(config.ray.address) as total_cpus:
+        plan = plan_resources(total_cpus, num_workers=1)
+        run_server(
+            serve_args_from_config(config, num_cpus_per_replica=plan.cpus_per_replica),
+            blocking=True,
+        )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Talk to the model in this process (no Ray needed)."""
+    from jobs.preflight import load_infer_config
+    from serve import TransformersEngine
+
+    config = load_infer_config(args.config, args.overrides)
+    engine = TransformersEngine(serve_args_from_config(config))
+    if args.prompt is not None:
+        print(engine.chat([{"role": "user", "content": args.prompt}]).text)
+        return 0
+    history: list[dict[str, str]] = []
+    print("rayft chat: type a message; `clear` forgets the conversation, `exit` quits.")
+    while True:
+        try:
+            line = input("User: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line == "exit":
+            return 0
+        if line == "clear":
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        answer = engine.chat(history).text
+        history.append({"role": "assistant", "content": answer})
+        print(f"Assistant: {answer}")
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    """Write the bundled Gemma 3 270M as a safetensors model directory (once)."""
+    from jobs.model import prepare_bundled_model
+
+    print(prepare_bundled_model(args.cache_dir))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole path on the bundled model; see `cluster.demo`."""
+    from cluster.demo import run_demo
+
+    run_demo(cache_dir=args.cache_dir, workdir=args.workdir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per verb."""
+    parser = argparse.ArgumentParser(prog="rayft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+        "validate": (cmd_validate, "check a config and list every problem"),
+        "train": (cmd_train, "fine-tune through Ray Train"),
+        "export": (cmd_export, "merge the adapter into the base model"),
+        "serve": (cmd_serve, "OpenAI-compatible API on Ray Serve"),
+        "chat": (cmd_chat, "talk to the model in the terminal"),
+    }
+    for name, (handler, help_text) in commands.items():
+        command = sub.add_parser(name, help=help_text)
+        _config_args(command)
+        if name == "chat":
+            command.add_argument("--prompt", help="answer one prompt and exit")
+        command.set_defaults(handler=handler)
+    prepare = sub.add_parser("prepare-model", help="convert the bundled Gemma 3 270M once")
+    prepare.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    prepare.set_defaults(handler=cmd_prepare_model)
+    demo = sub.add_parser("demo", help="train, merge, serve and answer on the bundled model")
+    demo.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    demo.add_argument("--workdir", type=Path, default=Path("saves/demo"))
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `rayft` console script; config problems exit with status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"rayft: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

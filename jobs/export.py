@@ -1,0 +1,80 @@
+"""Merge a LoRA adapter into its base model and write a self-contained model directory.
+
+The directory holds safetensors shards (at most `export_size` GB each) and the tokenizer whose
+`chat_template` is the training template rendered as Jinja, so vLLM, transformers or any other
+engine formats prompts exactly as training did.
+
+Run: `python -m jobs.export CONFIG.yaml [key=value ...]`
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from configs import RayftConfig, write_resolved
+from data_pipelines.templates import get_template
+from jobs.model import load_base_model, load_tokenizer
+
+
+def export_merged(config: RayftConfig) -> Path:
+    """Merge `adapter_name_or_path` (default: `output_dir`) into the base; write `export_dir`.
+
+    Raises:
+        ValueError: when `export_dir` is unset or no adapter is found.
+    """
+    from peft import PeftModel
+
+    if not config.export_dir:
+        raise ValueError("`export_dir` is required for export; e.g. `export_dir: saves/merged`")
+    source = config.adapter_name_or_path or config.output_dir
+    if not source:
+        raise ValueError("export needs `adapter_name_or_path` or the training `output_dir`")
+    adapter = Path(source).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        raise ValueError(
+            f"no PEFT adapter at {adapter.resolve()} (adapter_config.json missing); train first "
+            "or set `adapter_name_or_path`"
+        )
+    base_config = config.model_copy(update={"adapter_name_or_path": None})
+    model = load_base_model(base_config, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tokenizer = load_tokenizer(base_config)
+    if config.template is not None:
+        tokenizer.chat_template = get_template(config.template).to_jinja()
+    target = Path(config.export_dir).expanduser().resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    merged.generation_config.eos_token_id = _stop_ids(tokenizer, config)
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(target, max_shard_size=f"{config.export_size}GB")
+    tokenizer.save_pretrained(target)
+    write_resolved(config, target)
+    return target
+
+
+def _stop_ids(tokenizer: object, config: RayftConfig) -> list[int]:
+    """eos plus every template stop word that is a single token, for generation to stop at."""
+    ids = [tokenizer.eos_token_id]
+    stop_words = get_template(config.template).stop_words if config.template else ()
+    for word in stop_words:
+        token_id = tokenizer.convert_tokens_to_ids(word)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m jobs.export CONFIG [key=value ...]`."""
+    from jobs.preflight import load_infer_config
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        raise SystemExit("usage: python -m jobs.export CONFIG.yaml [key=value ...]")
+    config = load_infer_config(args[0], args[1:])
+    print(f"[rayft] merged model written to {export_merged(config)}")
+
+
+if __name__ == "__main__":
+    main()

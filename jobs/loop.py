@@ -1,0 +1,273 @@
+"""The per-worker training loop shared by all stages (runs inside Ray Train workers).
+
+Contract with Ray Train (the same on every rank, so the barrier in `ray.train.report` never
+waits forever): each rank resumes from `ray.train.get_checkpoint()`, takes the same number of
+micro-batches from its own dataset shard, and calls `report` at the same steps. Rank 0 alone
+writes files (checkpoint contents, `trainer_log.jsonl`, the final adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from configs import RayftConfig
+
+CHECKPOINT_STATE = "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class LoopPlan:
+    """Numbers the driver computes once and hands to every worker."""
+
+    config: dict[str, Any]
+    rows_per_rank: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    torch_threads: int
+    resume_from: str | None = None
+
+
+def plan_steps(config: RayftConfig, *, rows: int, world_size: int) -> tuple[int, int, int, int]:
+    """Rows per rank, micro-batches and optimizer steps per epoch, and steps in total.
+
+    Ray Data gives every rank the same number of rows (`equal=True` split), so each rank
+    sees `rows // world_size` rows; a trailing partial accumulation window still steps.
+    """
+    rows_per_rank = rows // world_size
+    if rows_per_rank == 0:
+        raise ValueError(
+            f"{rows} training rows cannot feed {world_size} workers; lower ray.num_workers"
+        )
+    micro = math.ceil(rows_per_rank / config.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
+    if config.max_steps > 0:
+        total = config.max_steps
+    else:
+        total = math.ceil(steps_per_epoch * config.num_train_epochs)
+    return rows_per_rank, micro, steps_per_epoch, total
+
+
+def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train.torch import prepare_model
+    from transformers import get_scheduler
+
+    from jobs.model import attach_lora, load_base_model, load_tokenizer, training_dtype
+    from jobs.registry import get_stage
+    from jobs.trackers import make_tracker
+
+    plan = LoopPlan(**plan_dict)
+    config = RayftConfig.model_validate(plan.config)
+    stage = get_stage(config.stage)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(plan.torch_threads)
+    torch.manual_seed(config.seed)
+    on_gpu = torch.cuda.is_available() and config.ray.use_gpu
+
+    tokenizer = load_tokenizer(config)
+    model = attach_lora(load_base_model(config, dtype=training_dtype(config, on_gpu=on_gpu)), config)
+    model = prepare_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = config.warmup_steps or math.ceil(plan.total_steps * config.warmup_ratio)
+    scheduler = get_scheduler(
+        config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+        num_training_steps=plan.total_steps,
+    )
+    # A restarted worker group gets the run's latest checkpoint from Ray Train; a new run into
+    # an output_dir with checkpoints starts from the one the driver found.
+    checkpoint = ray.train.get_checkpoint() or (
+        ray.train.Checkpoint(plan.resume_from) if plan.resume_from else None
+    )
+    state = _resume(checkpoint, model, optimizer, scheduler)
+    step, skip_micro = state["step"], state["micro_in_epoch"]
+    start_epoch = state["epoch"]
+    tracker = make_tracker(config) if rank == 0 else None
+    log_path = Path(config.output_dir) / "trainer_log.jsonl"
+    started = time.time()
+    shard = ray.train.get_dataset_shard("train")
+    pad_id = tokenizer.pad_token_id
+    accum = config.gradient_accumulation_steps
+    losses_since_log: list[float] = []
+    all_losses: list[float] = []
+    epoch = start_epoch
+
+    def after_step(loss: float, micro_index: int) -> bool:
+        """Log, report and checkpoint after optimizer step `step`; True when training is done."""
+        losses_since_log.append(loss)
+        all_losses.append(loss)
+        done = step >= plan.total_steps
+        if step % config.logging_steps == 0 or done:
+            record = {
+                "current_steps": step,
+                "total_steps": plan.total_steps,
+                "loss": round(sum(losses_since_log) / len(losses_since_log), 4),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": round(epoch + micro_index / plan.micro_per_epoch, 2),
+                "elapsed_time": round(time.time() - started, 1),
+            }
+            losses_since_log.clear()
+            if rank == 0:
+                _write_log(log_path, record, tracker)
+        if step % config.save_steps == 0 or done:
+            _report_checkpoint(
+                model, optimizer, scheduler, rank=rank,
+                state={"step": step, "epoch": epoch, "micro_in_epoch": micro_index},
+                metrics={"loss": loss, "step": step},
+            )
+        elif step % config.logging_steps == 0:
+            ray.train.report({"loss": loss, "step": step})
+        return done
+
+    done = step >= plan.total_steps
+    while not done:
+        window: list[dict[str, torch.Tensor]] = []
+        micro_index = 0
+        batches = shard.iter_torch_batches(
+            batch_size=config.per_device_train_batch_size,
+            collate_fn=lambda b: stage.collate(b, pad_id),
+            local_shuffle_buffer_size=4 * config.per_device_train_batch_size,
+            local_shuffle_seed=config.seed + epoch,
+        )
+        for batch in batches:
+            micro_index += 1
+            if epoch == start_epoch and micro_index <= skip_micro:
+                continue  # trained before the checkpoint this run resumed from
+            window.append(batch)
+            if len(window) < accum:
+                continue
+            loss = _optimizer_step(model, stage, window, optimizer, scheduler, config, world)
+            window = []
+            step += 1
+            done = after_step(loss, micro_index)
+            if done:
+                break
+        if window and not done:  # a partial accumulation window closes the epoch
+            loss = _optimizer_step(model, stage, window, optimizer, scheduler, config, world)
+            step += 1
+            done = after_step(loss, micro_index)
+        epoch += 1
+        skip_micro = 0
+    if rank == 0:
+        _save_final(model, tokenizer, config, all_losses, started)
+        if tracker is not None:
+            tracker.close()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _optimizer_step(
+    model: Any, stage: Any, window: list[dict[str, torch.Tensor]], optimizer: Any,
+    scheduler: Any, config: RayftConfig, world: int,
+) -> float:
+    """One optimizer step over a window of micro-batches; returns the global mean token loss.
+
+    Each micro-batch's summed loss is divided by the labelled-token count of the whole window
+    on all ranks (times the world size, which DDP's gradient averaging divides out again).
+    """
+    import torch.distributed as dist
+
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in window]
+    global_count = torch.tensor([float(sum(counts))])
+    if dist.is_initialized():
+        dist.all_reduce(global_count)
+    denominator = max(global_count.item(), 1.0)
+    step_loss = torch.zeros(1)
+    for batch in window:
+        loss_sum, _ = stage.loss_sum(model, batch)
+        (loss_sum * world / denominator).backward()
+        step_loss += loss_sum.detach()
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
+        )
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if dist.is_initialized():
+        dist.all_reduce(step_loss)
+    return float(step_loss.item() / denominator)
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+def _report_checkpoint(
+    model: Any, optimizer: Any, scheduler: Any, *, rank: int, state: dict, metrics: dict
+) -> None:
+    """Save what a resume needs (rank 0) and report it; every rank reports."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            _unwrap(model).save_pretrained(tmp)
+            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
+            torch.save(scheduler.state_dict(), Path(tmp) / "scheduler.pt")
+            torch.save(torch.get_rng_state(), Path(tmp) / "rng_state.pt")
+            (Path(tmp) / CHECKPOINT_STATE).write_text(json.dumps(state))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}")
+
+
+def _resume(checkpoint: Any, model: Any, optimizer: Any, scheduler: Any) -> dict[str, int]:
+    """Load adapter, optimizer, scheduler and RNG from a checkpoint, if there is one."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if checkpoint is None:
+        return {"step": 0, "epoch": 0, "micro_in_epoch": 0}
+    with checkpoint.as_directory() as directory:
+        path = Path(directory)
+        set_peft_model_state_dict(_unwrap(model), load_file(path / "adapter_model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        torch.set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+    print(f"[rayft] resumed from step {state['step']}", flush=True)
+    return state
+
+
+def _write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    elapsed = record["elapsed_time"]
+    done = record["current_steps"]
+    eta = elapsed / max(done, 1) * (record["total_steps"] - done)
+    print(
+        f"[rayft] step {done}/{record['total_steps']}  loss {record['loss']:.4f}  "
+        f"lr {record['lr']:.2e}  epoch {record['epoch']:.2f}  "
+        f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
+        flush=True,
+    )
+    tracker.log({"loss": record["loss"], "lr": record["lr"]}, done)
+
+
+def _save_final(
+    model: Any, tokenizer: Any, config: RayftConfig, losses: list[float], started: float
+) -> None:
+    """The adapter and tokenizer in `output_dir`, as LLaMA-Factory leaves them."""
+    out = Path(config.output_dir)
+    _unwrap(model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    runtime = time.time() - started
+    results = {
+        "train_loss": sum(losses) / max(len(losses), 1),
+        "final_loss": losses[-1] if losses else None,
+        "train_runtime": round(runtime, 2),
+        "global_steps": len(losses),
+    }
+    (out / "all_results.json").write_text(json.dumps(results, indent=2))

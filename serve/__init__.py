@@ -1,0 +1,34 @@
+"""rayft's model server: an OpenAI-compatible API on Ray Serve over a transformers engine.
+
+Exports are loaded lazily, so that importing `serve.protocol` or `serve.args` (validation,
+the CLI's argument parsing) does not pull in torch, transformers and Ray.
+
+Example:
+    >>> from serve import ServeArgs, run_server
+    >>> url = run_server(ServeArgs(model_path="saves/tiny"), blocking=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from serve.app import build_app, run_server
+    from serve.args import ServeArgs
+    from serve.engine import TransformersEngine
+
+__all__ = ["ServeArgs", "TransformersEngine", "build_app", "run_server"]
+
+_HOMES = {
+    "ServeArgs": "serve.args",
+    "TransformersEngine": "serve.engine",
+    "build_app": "serve.app",
+    "run_server": "serve.app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -1,0 +1,91 @@
+"""What a rayft model server needs to know, validated once and frozen.
+
+The same `ServeArgs` drives the in-process engine (``rayft chat``), the local server
+(`serve.app.run_server`) and a KubeRay RayService, whose ``serve_config`` passes these fields as
+the application's ``args`` to `serve.app.build_app`.
+
+Example:
+    >>> ServeArgs(model_path="saves/qwen2-sft/merged").model_name
+    'merged'
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ServeArgs(BaseModel):
+    """Settings of one served model (base weights, optional LoRA adapter, template, sampling)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: str = Field(min_length=1, description="Local model directory or hub id.")
+    adapter_path: str | None = Field(
+        default=None, description="A PEFT LoRA adapter directory applied on top of the model."
+    )
+    model_name: str = Field(
+        min_length=1,
+        description=(
+            "Name served in /v1/models and expected in requests' `model`. Default: the basename "
+            "of adapter_path if given (the fine-tuned model), else of model_path."
+        ),
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description=(
+            "Jinja chat template (the training template's export). None uses the tokenizer's "
+            "own; when it has none, chat requests fail with an error saying so."
+        ),
+    )
+    stop_words: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description=(
+            "Extra stops from the training template (e.g. `<end_of_turn>`): words that are one "
+            "token stop as token ids, every word also stops as text."
+        ),
+    )
+    max_new_tokens: int = Field(
+        default=512, ge=1, description="Completion budget when a request sets none."
+    )
+    temperature: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature when a request sets none (OpenAI's default); 0 is greedy.",
+    )
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Nucleus mass when a request sets none."
+    )
+    dtype: Dtype = Field(
+        default="auto",
+        description=(
+            "Weights dtype. auto: float32 on CPU (bf16 is emulated there and ~75x slower), the "
+            "checkpoint's dtype on GPU."
+        ),
+    )
+    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy listens on.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
+    num_cpus_per_replica: float = Field(
+        default=1.0, gt=0.0, description="CPUs each Serve replica reserves (fractions allowed)."
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="Run model code shipped with the checkpoint (off: untrusted)."
+    )
+    route_prefix: str = Field(
+        default="/", pattern=r"^/", description="HTTP path the application is mounted at."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_name(cls, data: Any) -> Any:
+        # Fills the one derived default before validation; the validated object stays frozen.
+        if isinstance(data, dict) and not data.get("model_name"):
+            source = data.get("adapter_path") or data.get("model_path")
+            if isinstance(source, str) and source:
+                data = {**data, "model_name": posixpath.basename(source.rstrip("/")) or source}
+        return data

@@ -1,0 +1,83 @@
+"""Converters, truncation and bad-row reasons (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from data_pipelines.converters import BadRow, convert_alpaca
+from data_pipelines.dataset_info import AlpacaColumns
+from data_pipelines.pipeline import SKIP_COLUMN, TokenizeSpec, tokenize_rows
+from data_pipelines.supervised import SupervisedOptions, split_budget
+
+COLUMNS = AlpacaColumns(history="history", system="system")
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "budget", "expected"),
+    [
+        (10, 5, 100, (10, 5)),  # everything fits
+        (100, 5, 20, (15, 5)),  # short answer kept, prompt cut
+        (5, 100, 20, (5, 15)),  # short prompt kept, answer cut
+        (60, 40, 20, (12, 8)),  # both long: proportional
+    ],
+)
+def test_split_budget_follows_llamafactory(source: int, target: int, budget: int, expected: tuple) -> None:
+    assert split_budget(source, target, budget) == expected
+
+
+def test_alpaca_joins_instruction_and_input_and_keeps_history() -> None:
+    row = {
+        "instruction": "Translate",
+        "input": "hola",
+        "output": "hello",
+        "history": [["hi", "hey"]],
+        "system": "Be brief.",
+    }
+    conversation = convert_alpaca(row, COLUMNS)
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant", "user", "assistant"]
+    assert conversation.messages[2]["content"] == "Translate\nhola"
+    assert conversation.system == "Be brief."
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ({"input": "x", "output": "y"}, "missing field `instruction`"),
+        ({"instruction": "x", "input": ""}, "missing field `output`"),
+        ({"instruction": "x", "output": ""}, "empty response"),
+        ({"instruction": 3, "output": "y"}, "non-string `instruction`"),
+        ({"instruction": "x", "output": ["y"]}, "non-string `output`"),
+        ({"instruction": "x", "output": "y", "history": "oops"}, "not a list"),
+        ({"instruction": "x", "output": "y", "history": [["only one"]]}, "not a list"),
+        ({"instruction": "x", "output": "y", "system": 5}, "non-string `system`"),
+    ],
+)
+def test_bad_rows_get_a_reason(row: dict, reason: str) -> None:
+    with pytest.raises(BadRow, match=reason):
+        convert_alpaca(row, COLUMNS)
+
+
+def test_tokenize_rows_counts_instead_of_dropping(tiny_tokenizer_dir: Path) -> None:
+    spec = TokenizeSpec(
+        tokenizer_path=str(tiny_tokenizer_dir),
+        trust_remote_code=False,
+        template="qwen",
+        default_system=None,
+        columns=COLUMNS,
+        formatting="alpaca",
+        options=SupervisedOptions(cutoff_len=64),
+    )
+    rows = [
+        {"instruction": "Who are you?", "output": "I am Rayft."},
+        {"instruction": "x", "output": ""},
+        {"instruction": "y" * 400, "output": "z"},
+    ]
+    out = tokenize_rows(rows, spec)
+    assert out[SKIP_COLUMN] == ["", "empty response", ""]
+    assert out["input_ids"][1] == [] and len(out["input_ids"][2]) <= 64
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    answer = [t for t in out["labels"][0] if t != -100]
+    assert tokenizer.decode(answer) == "I am Rayft.<|im_end|>\n"
