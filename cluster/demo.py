@@ -39,9 +39,9 @@ class PhaseTimer:
 
     def report(self) -> str:
         """The phase table."""
-        lines = [f"  {name:<28} {seconds:7.1f} s" for name, seconds in self.phases]
+        lines = [f"  {name:<36} {seconds:7.1f} s" for name, seconds in self.phases]
         total = sum(seconds for _, seconds in self.phases)
-        return "\n".join([*lines, f"  {'total':<28} {total:7.1f} s"])
+        return "\n".join([*lines, f"  {'total':<36} {total:7.1f} s"])
 
 
 def write_identity_dataset(target_dir: Path) -> Path:
@@ -104,7 +104,8 @@ def run_demo(*, cache_dir: Path, workdir: Path) -> dict[str, str]:
             merged = export_merged(config)
         with timer.phase("serve (Ray Serve) and ask"):
             after = _ask_served(config, merged, total_cpus=total_cpus)
-    print(f"\nQ: {QUESTION}\nA (before): {before}\nA (after):  {after}")
+    # Whitespace folded so a rambling base-model answer stays on one line of the summary.
+    print(f"\nQ: {QUESTION}\nA (before): {' '.join(before.split())[:300]}\nA (after):  {after}")
     print(f"\nphase timings:\n{timer.report()}")
     return {"before": before, "after": after}
 

@@ -137,7 +137,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
         micro_index = 0
         batches = shard.iter_torch_batches(
             batch_size=config.per_device_train_batch_size,
-            collate_fn=lambda b: stage.collate(b, pad_id),
+            collate_fn=_stage_collate(stage, pad_id),
             local_shuffle_buffer_size=4 * config.per_device_train_batch_size,
             local_shuffle_seed=config.seed + epoch,
         )
@@ -148,28 +148,49 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
             window.append(batch)
             if len(window) < accum:
                 continue
-            loss = _optimizer_step(model, stage, window, optimizer, scheduler, config, world)
+            loss = _optimizer_step(
+                model, stage, window, optimizer=optimizer, scheduler=scheduler, config=config,
+                world=world,
+            )
             window = []
             step += 1
             done = after_step(loss, micro_index)
             if done:
                 break
         if window and not done:  # a partial accumulation window closes the epoch
-            loss = _optimizer_step(model, stage, window, optimizer, scheduler, config, world)
+            loss = _optimizer_step(
+                model, stage, window, optimizer=optimizer, scheduler=scheduler, config=config,
+                world=world,
+            )
             step += 1
             done = after_step(loss, micro_index)
         epoch += 1
         skip_micro = 0
     if rank == 0:
-        _save_final(model, tokenizer, config, all_losses, started)
+        _save_final(model, tokenizer, config, losses=all_losses, started=started)
         if tracker is not None:
             tracker.close()
     if dist.is_initialized():
         dist.barrier()
 
 
+def _stage_collate(stage: Any, pad_id: int) -> Any:
+    """Ray Data collate callable: numpy batch → the stage's padded tensors.
+
+    Built here rather than at module level because importing Ray must wait until the driver has
+    chosen loopback-only networking (see `jobs.runtime.keep_loopback`).
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class StageCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+            return stage.collate(batch, pad_id)
+
+    return StageCollate()
+
+
 def _optimizer_step(
-    model: Any, stage: Any, window: list[dict[str, torch.Tensor]], optimizer: Any,
+    model: Any, stage: Any, window: list[dict[str, torch.Tensor]], *, optimizer: Any,
     scheduler: Any, config: RayftConfig, world: int,
 ) -> float:
     """One optimizer step over a window of micro-batches; returns the global mean token loss.
@@ -257,7 +278,7 @@ def _write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
 
 
 def _save_final(
-    model: Any, tokenizer: Any, config: RayftConfig, losses: list[float], started: float
+    model: Any, tokenizer: Any, config: RayftConfig, *, losses: list[float], started: float
 ) -> None:
     """The adapter and tokenizer in `output_dir`, as LLaMA-Factory leaves them."""
     out = Path(config.output_dir)

@@ -41,15 +41,22 @@ class _TensorBoard:
 
 
 class _MLflow:
-    """A local file store under output_dir unless MLFLOW_TRACKING_URI points elsewhere."""
+    """A local SQLite store `output_dir/mlflow.db` unless MLFLOW_TRACKING_URI names a server.
+
+    (MLflow 3 refuses new file stores, so the local default is SQLite.)
+    """
 
     def __init__(self, output_dir: str) -> None:
+        import os
+
         import mlflow
 
-        if not mlflow.get_tracking_uri().startswith(("http", "databricks")):
-            mlflow.set_tracking_uri((Path(output_dir) / "mlruns").resolve().as_uri())
+        if "MLFLOW_TRACKING_URI" not in os.environ:
+            database = (Path(output_dir) / "mlflow.db").resolve()
+            mlflow.set_tracking_uri(f"sqlite:///{database}")
+        mlflow.set_experiment(Path(output_dir).name)
         self._mlflow = mlflow
-        self._run = mlflow.start_run()
+        self.run = mlflow.start_run()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._mlflow.log_metrics(metrics, step=step)
