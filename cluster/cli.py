@@ -1,12 +1,15 @@
 """The `rayft` command line.
 
     rayft validate CONFIG.yaml [key=value ...]   check a config; exit 1 listing every problem
+    rayft preprocess CONFIG.yaml --output DIR    tokenize once with Ray Data → parquet
     rayft train    CONFIG.yaml [key=value ...]   fine-tune through Ray Train
+    rayft tune     CONFIG.yaml [key=value ...] [--resume]   sweep `tune:` with Ray Tune
     rayft export   CONFIG.yaml [key=value ...]   merge the adapter into the base model
     rayft serve    CONFIG.yaml [key=value ...]   OpenAI API on Ray Serve (127.0.0.1 by default)
     rayft chat     CONFIG.yaml [key=value ...] [--prompt TEXT]
     rayft prepare-model [--cache-dir DIR]        write the bundled Gemma 3 270M as safetensors
     rayft demo                                   train, merge, serve and answer, end to end
+    rayft k8s render CONFIG.yaml [--kind job|tune|service] [--image IMAGE] [--output DIR]
 
 Overrides use LLaMA-Factory's `key=value` form (dotted for sections: `ray.num_workers=2`).
 Every config problem is reported before Ray starts.
@@ -19,6 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from cluster import k8s
 from configs import ConfigError, RayftConfig
 
 DEFAULT_CACHE = Path(".cache/models")
@@ -44,6 +48,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jobs.train import main as train_main
 
     train_main([args.config, *args.overrides])
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    """Tokenize once with Ray Data and write parquet to --output (train from it with
+    `tokenized_path`)."""
+    from jobs.preflight import load_run_config
+    from jobs.registry import get_stage
+    from jobs.resources import plan_resources
+    from jobs.runtime import local_ray
+
+    overrides = [*args.overrides, f"tokenized_path={args.output.resolve()}", "overwrite_cache=true"]
+    config = load_run_config(args.config, overrides)
+    with local_ray(config.ray.address) as total_cpus:
+        plan = plan_resources(total_cpus, num_workers=config.ray.num_workers)
+        data = get_stage(config.stage).prepare_data(config, plan.cpus_per_data_task)
+    print(f"{data.report.summary()}; written to {args.output.resolve()}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Sweep the `tune:` search space with Ray Tune; the best trial goes to output_dir/best."""
+    from jobs.tune import main as tune_main
+
+    tune_main([args.config, *args.overrides, *(["--resume"] if args.resume else [])])
     return 0
 
 
@@ -147,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "validate": (cmd_validate, "check a config and list every problem"),
         "train": (cmd_train, "fine-tune through Ray Train"),
+        "preprocess": (cmd_preprocess, "tokenize once and write parquet"),
+        "tune": (cmd_tune, "hyperparameter sweep with Ray Tune"),
         "export": (cmd_export, "merge the adapter into the base model"),
         "serve": (cmd_serve, "OpenAI-compatible API on Ray Serve"),
         "chat": (cmd_chat, "talk to the model in the terminal"),
@@ -156,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         _config_args(command)
         if name == "chat":
             command.add_argument("--prompt", help="answer one prompt and exit")
+        if name == "tune":
+            command.add_argument("--resume", action="store_true", help="continue a sweep")
+        if name == "preprocess":
+            command.add_argument("--output", type=Path, required=True, help="parquet folder")
         command.set_defaults(handler=handler)
     prepare = sub.add_parser("prepare-model", help="convert the bundled Gemma 3 270M once")
     prepare.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -164,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     demo.add_argument("--workdir", type=Path, default=Path("saves/demo"))
     demo.set_defaults(handler=cmd_demo)
+    k8s.add_parser(sub)
     return parser
 
 

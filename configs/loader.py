@@ -24,9 +24,9 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
     """
     pref_loss pref_beta pref_ftx dpo_label_smoothing simpo_gamma kto_chosen_weight
     kto_rejected_weight ref_model ref_model_adapters reward_model reward_model_type ppo_epochs
-    ppo_target ppo_score_norm ppo_buffer_size deepspeed fsdp quantization_bit quantization_method
+    ppo_target ppo_score_norm ppo_buffer_size fsdp quantization_bit quantization_method
     double_quantization packing neat_packing streaming buffer_size val_size eval_dataset do_eval
-    do_predict eval_steps eval_strategy per_device_eval_batch_size tokenized_path mix_strategy
+    do_predict eval_steps eval_strategy per_device_eval_batch_size  mix_strategy
     interleave_probs freeze_trainable_layers freeze_trainable_modules additional_target
     use_dora use_rslora pissa_init loraplus_lr_ratio use_galore use_badam use_apollo
     flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel resume_from_checkpoint
@@ -41,6 +41,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "ray_num_workers": ("ray", "num_workers"),
     "ray_storage_path": ("ray", "storage_path"),
     "resources_per_worker": ("ray", "resources_per_worker"),
+    "deepspeed": ("ray", "deepspeed_config"),
 }
 
 

@@ -7,7 +7,7 @@ from here and never with an inline default of its own.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,6 +37,46 @@ class RaySection(_Strict):
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts from the last checkpoint; -1 is unlimited."
     )
+    strategy: Literal["ddp", "deepspeed", "fsdp"] | None = Field(
+        None,
+        description="Distributed strategy: ddp (Ray Train's DistributedDataParallel), deepspeed "
+        "(ZeRO, needs deepspeed_config) or fsdp (FSDP2 fully_shard per block). Unset: deepspeed "
+        "when deepspeed_config is given, else ddp.",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="DeepSpeed JSON (LLaMA-Factory's top-level `deepspeed:`), e.g. "
+        "configs/deepspeed/ds_z3_config.json; \"auto\" values are filled from this config.",
+    )
+    fsdp_mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="FSDP2 compute dtype of sharded parameters (gradients reduce in fp32)."
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="FSDP2 keeps parameters, gradients and optimizer state on the CPU."
+    )
+
+    @model_validator(mode="after")
+    def _strategy_options_match(self) -> RaySection:
+        strategy = self.effective_strategy
+        if self.deepspeed_config is not None and strategy != "deepspeed":
+            raise ValueError(
+                f"deepspeed_config is set but strategy is {strategy!r}; drop one of them"
+            )
+        if strategy == "deepspeed" and self.deepspeed_config is None:
+            raise ValueError(
+                "strategy deepspeed needs deepspeed_config (or LLaMA-Factory's `deepspeed:`), "
+                "e.g. configs/deepspeed/ds_z2_config.json"
+            )
+        if strategy != "fsdp" and (self.fsdp_mixed_precision != "no" or self.fsdp_cpu_offload):
+            raise ValueError(f"fsdp_* options need strategy fsdp (strategy is {strategy!r})")
+        return self
+
+    @property
+    def effective_strategy(self) -> str:
+        """`strategy`, or deepspeed when only `deepspeed_config` is given, else ddp."""
+        if self.strategy is not None:
+            return self.strategy
+        return "deepspeed" if self.deepspeed_config is not None else "ddp"
 
 
 class ServeSection(_Strict):
@@ -45,6 +85,40 @@ class ServeSection(_Strict):
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds to.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI API.")
     model_name: str | None = Field(None, description="Name in /v1/models; default: the dir name.")
+
+
+Distribution = Literal["loguniform", "uniform", "choice", "grid", "randint"]
+
+
+class TuneSection(_Strict):
+    """A hyperparameter sweep with Ray Tune over any training key (`rayft tune`)."""
+
+    search_space: dict[str, dict[Distribution, list[Any]]] = Field(
+        description="Training key → one distribution, e.g. `learning_rate: {loguniform: "
+        "[1.0e-5, 1.0e-3]}`, `lora_rank: {choice: [8, 16]}`, `{grid: [...]}`, "
+        "`{uniform: [a, b]}`, `{randint: [a, b]}`."
+    )
+    num_samples: int = Field(1, ge=1, description="Samples drawn (grid values repeat per sample).")
+    metric: str = Field("loss", description="Reported metric the sweep optimises.")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
+    scheduler: Literal["asha", "pbt", "none"] = Field("asha", description="Trial scheduler.")
+    search_alg: Literal["random", "optuna"] = Field("random", description="How points are drawn.")
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once.")
+    grace_period: int = Field(2, ge=1, description="ASHA: steps every trial gets before a cut.")
+    reduction_factor: float = Field(2.0, gt=1.0, description="ASHA: share cut at each rung.")
+
+    @field_validator("search_space")
+    @classmethod
+    def _one_distribution_each(cls, value: dict) -> dict:
+        for key, spec in value.items():
+            if len(spec) != 1:
+                raise ValueError(f"`{key}` needs exactly one distribution, got {sorted(spec)}")
+            (kind, args), = spec.items()
+            if not args:
+                raise ValueError(f"`{key}`: the `{kind}` list is empty")
+            if kind in ("loguniform", "uniform", "randint") and len(args) != 2:
+                raise ValueError(f"`{key}`: `{kind}` takes [low, high], got {args}")
+        return value
 
 
 class RayftConfig(_Strict):
@@ -78,6 +152,15 @@ class RayftConfig(_Strict):
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
     mask_history: bool = Field(False, description="Train on the last turn only.")
     overwrite_cache: bool = Field(False, description="Re-tokenize even if a cache exists.")
+    tokenized_path: str | None = Field(
+        None,
+        description="Tokenized dataset folder (parquet): loaded when it exists, else written "
+        "there after tokenizing (`rayft preprocess` writes one).",
+    )
+    tokenized_cache_dir: str = Field(
+        "~/.cache/rayft",
+        description="Where tokenized datasets are cached by content, so no run tokenizes twice.",
+    )
     preprocessing_num_workers: int | None = Field(
         None, ge=1, description="Parallel tokenization tasks; unset lets Ray Data decide."
     )
@@ -125,6 +208,7 @@ class RayftConfig(_Strict):
 
     ray: RaySection = Field(default_factory=RaySection, description="Ray resources.")
     serve: ServeSection = Field(default_factory=ServeSection, description="Serving.")
+    tune: TuneSection | None = Field(None, description="Sweep settings for `rayft tune`.")
 
     @field_validator("dataset")
     @classmethod

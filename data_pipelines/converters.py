@@ -187,9 +187,7 @@ def convert_alpaca(row: Mapping[str, Any], row_format: RowFormat) -> Conversatio
     if row_format.ranking:
         pair = (_alpaca_answer(row, cols.chosen), _alpaca_answer(row, cols.rejected))
     elif cols.response:
-        messages.append(
-            {"role": ASSISTANT, "content": _text(row, cols.response, required=True)}
-        )
+        messages.append({"role": ASSISTANT, "content": _text(row, cols.response, required=True)})
     else:  # prompt-only, e.g. pretraining text
         return Conversation(
             messages=messages,
@@ -278,7 +276,11 @@ def _leading_system(
     """A first turn with the system tag is the system prompt (and beats the system column)."""
     tags = row_format.tags
     first = turns[0]
-    if tags.system_tag and isinstance(first, Mapping) and first.get(tags.role_tag) == tags.system_tag:
+    if (
+        tags.system_tag
+        and isinstance(first, Mapping)
+        and first.get(tags.role_tag) == tags.system_tag
+    ):
         if len(turns) == 1:
             raise BadRow(f"`{row_format.columns.messages}` holds only a system message")
         return _content(first, tags, "system message"), turns[1:]
@@ -290,9 +292,11 @@ def _check_order(messages: list[Message]) -> None:
     for index, message in enumerate(messages):
         if message["role"] == SYSTEM:
             raise BadRow("system message after the first turn")
-        expected, slot = (PROMPT_ROLES, "user") if index % 2 == 0 else (ANSWER_ROLES, "assistant")
+        expected, slot = (
+            (PROMPT_ROLES, "a user") if index % 2 == 0 else (ANSWER_ROLES, "an assistant")
+        )
         if message["role"] not in expected:
-            raise BadRow(f"wrong role order: {message['role']} turn where a {slot} turn belongs")
+            raise BadRow(f"wrong role order: {message['role']} turn where {slot} turn belongs")
 
 
 def _pair(row: Mapping[str, Any], row_format: RowFormat) -> tuple[Message, Message] | None:

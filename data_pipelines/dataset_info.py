@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 logger = logging.getLogger(__name__)
 
 Formatting = Literal["alpaca", "sharegpt", "openai"]
+RowKind = Literal["plain", "pairwise", "kto"]
 Loader = Literal["json", "csv", "parquet", "arrow", "text", "hf_disk", "hf_hub", "ms_hub"]
 
 DEFAULT_FORMATTING: Formatting = "alpaca"
@@ -124,6 +125,17 @@ class RowFormat(BaseModel):
     columns: Columns = Field(default_factory=Columns)
     tags: Tags = Field(default_factory=Tags)
 
+    @property
+    def kind(self) -> RowKind:
+        """What a row carries besides a conversation.
+
+        Stages read one kind: LF refuses ranking data outside pairwise stages and drops KTO
+        rows (two answers) in supervised ones, so a stage should check this up front.
+        """
+        if self.ranking:
+            return "pairwise"
+        return "kto" if self.columns.kto_tag is not None else "plain"
+
     @model_validator(mode="after")
     def _consistent(self) -> RowFormat:
         """Reject combinations LF would crash on or silently ignore."""
@@ -160,7 +172,11 @@ class RowFormat(BaseModel):
             for section, name in REQUIRED_FIELDS[self.formatting]
             if getattr(getattr(self, section), name) is None
         ]
-        if self.formatting == "alpaca" and self.columns.prompt is None and self.columns.query is None:
+        if (
+            self.formatting == "alpaca"
+            and self.columns.prompt is None
+            and self.columns.query is None
+        ):
             missing.append("`columns.prompt` (or `query`)")
         if missing:
             return [f"formatting `{self.formatting}` needs {', '.join(missing)}"]
@@ -207,6 +223,14 @@ class DatasetSpec(BaseModel):
             return self
         if not self.files:
             raise ValueError(f"loader `{self.loader}` needs files")
+        if self.loader in FILE_LOADER_NAMES:
+            other = [
+                f for f in self.files if FILE_LOADERS.get(Path(f).suffix.lower()) != self.loader
+            ]
+            if other:
+                raise ValueError(
+                    f"{', '.join(other)}: not `{self.loader}` files; a dataset reads one file type"
+                )
         for key in ("subset", "folder"):
             if getattr(self, key) is not None:
                 raise ValueError(f"`{key}` only applies to hub datasets (hf_hub_url / ms_hub_url)")
@@ -216,6 +240,16 @@ class DatasetSpec(BaseModel):
                 "to hub datasets and saved DatasetDict folders"
             )
         return self
+
+    def content_files(self) -> list[str]:
+        """Every local file whose bytes make up the data (for content hashes).
+
+        A saved Hugging Face dataset is all files in its folder; hub datasets have none here.
+        """
+        if self.loader == "hf_disk":
+            folder = Path(self.files[0])
+            return sorted(str(path) for path in folder.rglob("*") if path.is_file())
+        return list(self.files)
 
 
 def load_dataset_info(dataset_dir: str | Path) -> dict[str, Any]:
@@ -264,7 +298,12 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
 
 # Entry keys LF defines, in the order LF picks the data source (first present wins).
 SOURCE_KEYS: tuple[str, ...] = (
-    "hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name",
+    "hf_hub_url",
+    "ms_hub_url",
+    "om_hub_url",
+    "script_url",
+    "cloud_file_name",
+    "file_name",
 )
 # Keys copied onto DatasetSpec as they are (pydantic checks their types).
 SPEC_KEYS: tuple[str, ...] = ("subset", "split", "folder", "num_samples")
@@ -372,9 +411,7 @@ def _unsupported(key: str) -> SourceResolver:
 def _local(where: str, file_name: Any, dataset_dir: Path) -> dict[str, Any]:
     """Files, folders (their supported files) or one saved HF dataset folder."""
     names = [file_name] if isinstance(file_name, str) else file_name
-    if not isinstance(names, list) or not names or not all(
-        isinstance(n, str) and n for n in names
-    ):
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise DatasetError(
             f"{where}: `file_name` must be a file or folder name, or a list of them; "
             f"got {file_name!r}"
@@ -391,7 +428,9 @@ def _local(where: str, file_name: Any, dataset_dir: Path) -> dict[str, Any]:
                 "`file_name` of its entry"
             )
         return {"loader": "hf_disk", "files": (str(saved[0].resolve()),)}
-    files = [file for path in paths for file in (_folder_files(where, path) if path.is_dir() else [path])]
+    files = [
+        file for path in paths for file in (_folder_files(where, path) if path.is_dir() else [path])
+    ]
     loaders = {file: _file_loader(where, file) for file in files}
     if len(set(loaders.values())) > 1:
         found = ", ".join(f"{file.name} ({loader})" for file, loader in loaders.items())
@@ -416,8 +455,7 @@ def is_saved_dataset(path: Path) -> bool:
 def _folder_files(where: str, folder: Path) -> list[Path]:
     """The supported files directly in `folder`, sorted; hidden and `_`-prefixed names skipped."""
     entries = sorted(
-        path for path in folder.iterdir()
-        if path.is_file() and not path.name.startswith((".", "_"))
+        path for path in folder.iterdir() if path.is_file() and not path.name.startswith((".", "_"))
     )
     files = [path for path in entries if path.suffix.lower() in FILE_LOADERS]
     skipped = [path.name for path in entries if path.suffix.lower() not in FILE_LOADERS]

@@ -20,10 +20,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from data_pipelines.converters import CONVERTERS, BadRow
-from data_pipelines.dataset_info import AlpacaColumns, DatasetError, DatasetSpec, resolve_dataset
+from data_pipelines.cache import (
+    DATA_SUBDIR,
+    REPORT_FILE,
+    cache_key,
+    is_complete,
+    publish,
+    staging_dir,
+)
+from data_pipelines.converters import ANSWER_ROLES, BadRow, convert_row
+from data_pipelines.dataset_info import DatasetError, DatasetSpec, RowFormat, resolve_dataset
+from data_pipelines.readers import read_dataset, unwrap_read_error
 from data_pipelines.supervised import SupervisedOptions, encode_supervised
-from data_pipelines.templates import Template, get_template, prepare_tokenizer
+from data_pipelines.templates import BadMessage, Template, prepare_tokenizer, resolve_template
 
 SKIP_COLUMN = "skip_reason"
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -46,12 +55,20 @@ class DataReport:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
         return f"{self.kept}/{self.total} rows kept" + (f"; skipped {reasons}" if reasons else "")
 
+    def as_dict(self) -> dict[str, Any]:
+        """The counts as JSON-ready data."""
+        return {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataReport:
+        """Inverse of `as_dict`."""
+        return cls(total=data["total"], kept=data["kept"], skipped=Counter(data["skipped"]))
+
     def write(self, output_dir: str | Path) -> Path:
         """Write the counts to `output_dir/data_report.json`."""
-        path = Path(output_dir) / "data_report.json"
+        path = Path(output_dir) / REPORT_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
-        path.write_text(json.dumps(payload, indent=2))
+        path.write_text(json.dumps(self.as_dict(), indent=2))
         return path
 
 
@@ -61,43 +78,49 @@ class TokenizeSpec:
 
     tokenizer_path: str
     trust_remote_code: bool
-    template: str
+    template: str | None
     default_system: str | None
-    columns: AlpacaColumns
-    formatting: str
+    row_format: RowFormat
     options: SupervisedOptions
 
 
 @functools.lru_cache(maxsize=4)
-def load_prepared_tokenizer(path: str, template_name: str, trust_remote_code: bool) -> Any:
-    """Load a tokenizer and give it the template's special tokens; cached per process."""
+def load_prepared_tokenizer(
+    path: str, template_name: str | None, trust_remote_code: bool
+) -> tuple[Any, Template]:
+    """The tokenizer with the template's special tokens, and the template (a named one, else
+    the tokenizer's own chat_template, as LLaMA-Factory does); cached per process."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    prepare_tokenizer(tokenizer, get_template(template_name))
-    return tokenizer
+    template = resolve_template(template_name, tokenizer)
+    prepare_tokenizer(tokenizer, template)
+    return tokenizer, template
 
 
 def tokenize_rows(rows: list[dict[str, Any]], spec: TokenizeSpec) -> dict[str, list]:
     """Convert and tokenize rows; a bad row yields empty ids and its reason."""
-    tokenizer = load_prepared_tokenizer(spec.tokenizer_path, spec.template, spec.trust_remote_code)
-    template: Template = get_template(spec.template)
-    convert = CONVERTERS[spec.formatting]
+    tokenizer, template = load_prepared_tokenizer(
+        spec.tokenizer_path, spec.template, spec.trust_remote_code
+    )
     out: dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, SKIP_COLUMN)}
     for row in rows:
         try:
-            conversation = convert(row, spec.columns)
+            conversation = convert_row(row, spec.row_format)
+            if conversation.messages[-1]["role"] not in ANSWER_ROLES:
+                raise BadRow("no answer to learn (prompt-only row)")
             input_ids, labels = encode_supervised(
                 tokenizer,
                 template,
                 conversation.messages,
                 conversation.system or spec.default_system,
                 spec.options,
+                tools=conversation.tools,
             )
             if all(label == -100 for label in labels):
                 raise BadRow("no answer tokens left after truncation")
             reason = ""
-        except BadRow as bad:
+        except (BadRow, BadMessage) as bad:
             input_ids, labels, reason = [], [], str(bad)
         out["input_ids"].append(input_ids)
         out["attention_mask"].append([1] * len(input_ids))
@@ -116,22 +139,6 @@ def _tokenize_batch(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
     )
 
 
-def read_spec(spec: DatasetSpec, *, cpus_per_task: float) -> Any:
-    """A lazy Ray Dataset over a spec's files (json arrays, jsonl, csv, parquet)."""
-    import ray.data
-
-    readers = {
-        ".json": lambda paths: ray.data.read_json(paths, num_cpus=cpus_per_task),
-        ".jsonl": lambda paths: ray.data.read_json(paths, lines=True, num_cpus=cpus_per_task),
-        ".csv": lambda paths: ray.data.read_csv(paths, num_cpus=cpus_per_task),
-        ".parquet": lambda paths: ray.data.read_parquet(paths, num_cpus=cpus_per_task),
-    }
-    suffixes = {Path(f).suffix for f in spec.files}
-    if len(suffixes) != 1:
-        raise DatasetError(f"dataset `{spec.name}` mixes file types {sorted(suffixes)}")
-    return readers[suffixes.pop()](list(spec.files))
-
-
 @dataclass
 class PreparedData:
     """Tokenized rows ready for Ray Train, and the report of what was kept."""
@@ -141,14 +148,19 @@ class PreparedData:
 
 
 def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
-    """Build the tokenized SFT dataset for a validated config.
+    """The tokenized SFT dataset for a validated config, tokenized at most once.
+
+    `tokenized_path`, when it holds a tokenized dataset, is used as it is. Otherwise the
+    content-addressed cache under `tokenized_cache_dir` is used when it has this exact input
+    (same data bytes, specs, tokenizer files, template and options), else the data are tokenized
+    with Ray Data and written there (and to `tokenized_path`, if set) as parquet.
 
     Args:
         config: a `RayftConfig`.
         cpus_per_task: CPUs each Ray Data task asks for (fractional on small machines).
 
     Returns:
-        The clean, materialized dataset and the row report.
+        The clean rows (streamed from parquet) and the row report.
 
     Raises:
         DatasetError: a dataset cannot be read as declared.
@@ -157,15 +169,89 @@ def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    specs = [resolve_dataset(name, config.dataset_dir) for name in config.dataset_names]
+    for spec in specs:
+        if spec.row_format.kind != "plain":
+            raise DatasetError(
+                f"dataset `{spec.name}` holds {spec.row_format.kind} rows; stage "
+                f"`{config.stage}` reads plain conversations"
+            )
+    target = tokenized_location(config, specs)
+    if is_complete(target) and (config.tokenized_path or not config.overwrite_cache):
+        print(f"[rayft] reusing the tokenized dataset in {target}", flush=True)
+        return _load(target, cpus_per_task=cpus_per_task)
+    # One streaming pass: every row (bad ones with their reason and no ids) goes to parquet,
+    # so memory stays bounded whatever the dataset size; the reasons are then counted from the
+    # narrow reason column alone.
+    staging = staging_dir(target)
+    try:
+        _tokenize(config, specs, cpus_per_task=cpus_per_task).write_parquet(
+            str(staging / DATA_SUBDIR), ray_remote_args={"num_cpus": cpus_per_task}
+        )
+    except DatasetError as err:  # a bad file line, raised inside a Ray read task
+        raise unwrap_read_error(err) from None
+    report = _count_reasons(staging / DATA_SUBDIR)
+    if report.total and (report.total - report.kept) / report.total > config.max_bad_fraction:
+        raise TooManyBadRows(
+            f"{report.summary()}: more than max_bad_fraction={config.max_bad_fraction} of the rows "
+            "are malformed; fix the data or raise `max_bad_fraction`"
+        )
+    publish(staging, target, report.as_dict())
+    print(f"[rayft] tokenized {report.total} rows once; cached in {target}", flush=True)
+    return _load(target, cpus_per_task=cpus_per_task)
+
+
+def _count_reasons(folder: Path) -> DataReport:
+    """Rows kept and skipped per reason, read from the reason column only."""
+    import pyarrow.dataset as pads
+
+    counts: Counter = Counter()
+    for batch in pads.dataset(str(folder), format="parquet").to_batches(columns=[SKIP_COLUMN]):
+        counts.update(batch.column(SKIP_COLUMN).to_pylist())
+    return DataReport(total=sum(counts.values()), kept=counts.pop("", 0), skipped=counts)
+
+
+def tokenized_location(config: Any, specs: list[DatasetSpec]) -> Path:
+    """`tokenized_path` if set, else the content-addressed cache entry for this input."""
+    if config.tokenized_path:
+        return Path(config.tokenized_path).expanduser().resolve()
+    key = cache_key(
+        files=[f for spec in specs for f in spec.content_files()],
+        specs=[spec.model_dump(mode="json") for spec in specs],
+        tokenizer=config.model_name_or_path,
+        options={
+            "stage": config.stage,
+            "template": config.template,
+            "default_system": config.default_system,
+            "cutoff_len": config.cutoff_len,
+            "train_on_prompt": config.train_on_prompt,
+            "mask_history": config.mask_history,
+            "max_samples": config.max_samples,
+        },
+    )
+    return Path(config.tokenized_cache_dir).expanduser().resolve() / "tokenized" / key
+
+
+def _load(folder: Path, *, cpus_per_task: float) -> PreparedData:
+    import ray.data
+
+    report = DataReport.from_dict(json.loads((folder / REPORT_FILE).read_text()))
+    dataset = ray.data.read_parquet(str(folder / DATA_SUBDIR), num_cpus=cpus_per_task)
+    if SKIP_COLUMN in dataset.schema().names:
+        dataset = dataset.filter(expr=f"{SKIP_COLUMN} == ''").drop_columns([SKIP_COLUMN])
+    return PreparedData(dataset=dataset, report=report)
+
+
+def _tokenize(config: Any, specs: list[DatasetSpec], *, cpus_per_task: float) -> Any:
+    """The lazy Ray Data plan: read → limit → convert + template + tokenize, per dataset."""
     options = SupervisedOptions(
         cutoff_len=config.cutoff_len,
         train_on_prompt=config.train_on_prompt,
         mask_history=config.mask_history,
     )
     parts = []
-    for name in config.dataset_names:
-        spec = resolve_dataset(name, config.dataset_dir)
-        ds = read_spec(spec, cpus_per_task=cpus_per_task)
+    for spec in specs:
+        ds = read_dataset(spec, cpus_per_task=cpus_per_task)
         limit = min(filter(None, (config.max_samples, spec.num_samples)), default=None)
         if limit:
             ds = ds.limit(limit)
@@ -174,8 +260,7 @@ def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
             trust_remote_code=config.trust_remote_code,
             template=config.template,
             default_system=config.default_system,
-            columns=spec.columns,
-            formatting=spec.formatting,
+            row_format=spec.row_format,
             options=options,
         )
         parts.append(
@@ -188,18 +273,4 @@ def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
                 concurrency=config.preprocessing_num_workers,
             )
         )
-    tokenized = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    tokenized = tokenized.materialize()
-    counts: Counter = Counter()
-    for batch in tokenized.select_columns([SKIP_COLUMN]).iter_batches(batch_format="pyarrow"):
-        counts.update(batch.column(SKIP_COLUMN).to_pylist())
-    report = DataReport(total=sum(counts.values()), kept=counts.pop("", 0), skipped=counts)
-    if report.total and (report.total - report.kept) / report.total > config.max_bad_fraction:
-        raise TooManyBadRows(
-            f"{report.summary()}: more than max_bad_fraction={config.max_bad_fraction} of the rows "
-            "are malformed; fix the data or raise `max_bad_fraction`"
-        )
-    clean = tokenized.filter(
-        lambda row: row[SKIP_COLUMN] == "", num_cpus=cpus_per_task
-    ).drop_columns([SKIP_COLUMN])
-    return PreparedData(dataset=clean.materialize(), report=report)
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]

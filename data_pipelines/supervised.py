@@ -2,12 +2,13 @@
 
 Prompt tokens get the label -100 unless `train_on_prompt`; with `mask_history` only the last
 turn is learned; `cutoff_len` is shared between prompt and answer by `split_budget`, turn by
-turn, so long prompts are cut before long answers.
+turn, so long prompts are cut before long answers. A turn's prompt may be a user message or a
+tool result (`observation`), its answer an assistant message or a tool call (`function`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,26 +43,50 @@ def split_budget(source_len: int, target_len: int, budget: int) -> tuple[int, in
     return new_source, new_target
 
 
+def check_options(template: Template, options: SupervisedOptions) -> None:
+    """Reject option combinations LLaMA-Factory rejects.
+
+    Raises:
+        ValueError: `train_on_prompt` with an `efficient_eos` template (its prompt labels carry
+            the previous answer's eos, which training on the prompt would overwrite).
+    """
+    if options.train_on_prompt and template.efficient_eos:
+        raise ValueError(
+            f"train_on_prompt: template `{template.name}` uses efficient_eos and does not "
+            "support it; set train_on_prompt: false or pick another template"
+        )
+
+
 def encode_supervised(
     tokenizer: Any,
     template: Template,
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[Mapping[str, str]],
     system: str | None,
     options: SupervisedOptions,
+    tools: str | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one conversation that ends with an assistant turn.
+    """Token ids and labels for one conversation that ends with an answer.
 
     Args:
         tokenizer: a tokenizer prepared with `prepare_tokenizer` for this template.
         template: the chat template.
-        messages: user/assistant turns, alternating, starting with user.
+        messages: query (user/observation) and answer (assistant/function) messages,
+            alternating, starting with a query.
         system: the row's system prompt (None uses the template default).
         options: cutoff and masking switches.
+        tools: the row's tool definitions as a JSON string (the `tools` column), or None.
 
     Returns:
         (input_ids, labels) of equal length, at most `cutoff_len` long.
+
+    Raises:
+        ValueError: options the template does not support (see `check_options`).
+        BadMessage: malformed tool definitions or tool-call JSON in the row.
     """
-    pairs = template.encode_pairs(tokenizer, messages, system)
+    check_options(template, options)
+    pairs = template.encode_pairs(
+        tokenizer, messages, system, tools, mask_history=options.mask_history
+    )
     input_ids: list[int] = []
     labels: list[int] = []
     total = 1 if template.efficient_eos else 0

@@ -18,6 +18,7 @@ from configs import RayftConfig, write_resolved
 from jobs.loop import LoopPlan, plan_steps, train_loop_per_worker
 from jobs.registry import get_stage
 from jobs.resources import plan_resources
+from jobs.strategies import load_deepspeed_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,12 @@ def run_training(config: RayftConfig, *, total_cpus: float) -> TrainingOutcome:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = with_absolute_paths(config)
+    # Read before any cluster time is spent, so a bad path fails here, not in every worker.
+    deepspeed_config = (
+        load_deepspeed_config(config.ray.deepspeed_config)
+        if config.ray.effective_strategy == "deepspeed" and config.ray.deepspeed_config
+        else None
+    )
     output_dir = Path(config.output_dir)
     if config.overwrite_output_dir and output_dir.exists():
         shutil.rmtree(output_dir)
@@ -68,8 +75,8 @@ def run_training(config: RayftConfig, *, total_cpus: float) -> TrainingOutcome:
         config, rows=data.report.kept, world_size=workers
     )
     print(
-        f"[rayft] {data.report.kept} rows, {workers} worker(s), {steps_per_epoch} step(s)/epoch, "
-        f"{total_steps} step(s) in total",
+        f"[rayft] {data.report.kept} rows, {workers} worker(s) ({config.ray.effective_strategy}), "
+        f"{steps_per_epoch} step(s)/epoch, {total_steps} step(s) in total",
         flush=True,
     )
     plan = LoopPlan(
@@ -80,6 +87,7 @@ def run_training(config: RayftConfig, *, total_cpus: float) -> TrainingOutcome:
         total_steps=total_steps,
         torch_threads=resources.torch_threads,
         resume_from=str(previous) if previous else None,
+        deepspeed_config=deepspeed_config,
     )
     per_worker = config.ray.resources_per_worker or {"CPU": resources.cpus_per_worker}
     trainer = TorchTrainer(

@@ -3,7 +3,10 @@
 Contract with Ray Train (the same on every rank, so the barrier in `ray.train.report` never
 waits forever): each rank resumes from `ray.train.get_checkpoint()`, takes the same number of
 micro-batches from its own dataset shard, and calls `report` at the same steps. Rank 0 alone
-writes files (checkpoint contents, `trainer_log.jsonl`, the final adapter).
+writes the shared files (`trainer_log.jsonl`, the final adapter, the consolidated adapter in
+each checkpoint); with a sharding strategy (ZeRO, FSDP2) every rank also writes its own shard
+into its checkpoint dir and passes it to `report`, and Ray merges the ranks' dirs into one.
+Each rank also writes `strategy_rank<N>.json` (what it holds) for tests and capacity planning.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class LoopPlan:
     total_steps: int
     torch_threads: int
     resume_from: str | None = None
+    deepspeed_config: dict[str, Any] | None = None
 
 
 def plan_steps(config: RayftConfig, *, rows: int, world_size: int) -> tuple[int, int, int, int]:
@@ -60,11 +64,11 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     import ray.train
     import torch.distributed as dist
-    from ray.train.torch import prepare_model
     from transformers import get_scheduler
 
     from jobs.model import attach_lora, load_base_model, load_tokenizer, training_dtype
     from jobs.registry import get_stage
+    from jobs.strategies import get_strategy
     from jobs.trackers import make_tracker
 
     plan = LoopPlan(**plan_dict)
@@ -78,9 +82,16 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
 
     tokenizer = load_tokenizer(config)
     model = attach_lora(load_base_model(config, dtype=training_dtype(config, on_gpu=on_gpu)), config)
-    model = prepare_model(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    strategy = get_strategy(
+        config, world_size=world, on_gpu=on_gpu, deepspeed_config=plan.deepspeed_config
+    )
+    model, optimizer = strategy.wrap(
+        model,
+        lambda params: torch.optim.AdamW(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay
+        ),
+    )
+    _write_strategy_stats(Path(config.output_dir), strategy, rank=rank)
     warmup = config.warmup_steps or math.ceil(plan.total_steps * config.warmup_ratio)
     scheduler = get_scheduler(
         config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
@@ -91,7 +102,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint() or (
         ray.train.Checkpoint(plan.resume_from) if plan.resume_from else None
     )
-    state = _resume(checkpoint, model, optimizer, scheduler)
+    state = _resume(checkpoint, strategy, scheduler)
     step, skip_micro = state["step"], state["micro_in_epoch"]
     start_epoch = state["epoch"]
     tracker = make_tracker(config) if rank == 0 else None
@@ -123,7 +134,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
                 _write_log(log_path, record, tracker)
         if step % config.save_steps == 0 or done:
             _report_checkpoint(
-                model, optimizer, scheduler, rank=rank,
+                strategy, scheduler, rank=rank,
                 state={"step": step, "epoch": epoch, "micro_in_epoch": micro_index},
                 metrics={"loss": loss, "step": step},
             )
@@ -149,8 +160,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
             if len(window) < accum:
                 continue
             loss = _optimizer_step(
-                model, stage, window, optimizer=optimizer, scheduler=scheduler, config=config,
-                world=world,
+                model, stage, window, strategy=strategy, scheduler=scheduler, world=world
             )
             window = []
             step += 1
@@ -159,15 +169,14 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
                 break
         if window and not done:  # a partial accumulation window closes the epoch
             loss = _optimizer_step(
-                model, stage, window, optimizer=optimizer, scheduler=scheduler, config=config,
-                world=world,
+                model, stage, window, strategy=strategy, scheduler=scheduler, world=world
             )
             step += 1
             done = after_step(loss, micro_index)
         epoch += 1
         skip_micro = 0
+    _save_final(strategy, tokenizer, config, rank=rank, losses=all_losses, started=started)
     if rank == 0:
-        _save_final(model, tokenizer, config, losses=all_losses, started=started)
         if tracker is not None:
             tracker.close()
     if dist.is_initialized():
@@ -190,13 +199,15 @@ def _stage_collate(stage: Any, pad_id: int) -> Any:
 
 
 def _optimizer_step(
-    model: Any, stage: Any, window: list[dict[str, torch.Tensor]], *, optimizer: Any,
-    scheduler: Any, config: RayftConfig, world: int,
+    model: Any, stage: Any, window: list[dict[str, torch.Tensor]], *, strategy: Any,
+    scheduler: Any, world: int,
 ) -> float:
     """One optimizer step over a window of micro-batches; returns the global mean token loss.
 
     Each micro-batch's summed loss is divided by the labelled-token count of the whole window
-    on all ranks (times the world size, which DDP's gradient averaging divides out again).
+    on all ranks (times the world size, which every strategy's gradient averaging divides out
+    again). The strategy accumulates, clips and steps; DeepSpeed learns the window's end from
+    `is_last_micro` instead of counting micro-batches, so a short last window still steps.
     """
     import torch.distributed as dist
 
@@ -206,60 +217,59 @@ def _optimizer_step(
         dist.all_reduce(global_count)
     denominator = max(global_count.item(), 1.0)
     step_loss = torch.zeros(1)
-    for batch in window:
+    for index, batch in enumerate(window):
         loss_sum, _ = stage.loss_sum(model, batch)
-        (loss_sum * world / denominator).backward()
-        step_loss += loss_sum.detach()
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm
-        )
-    optimizer.step()
+        strategy.backward(loss_sum * world / denominator, is_last_micro=index == len(window) - 1)
+        step_loss += loss_sum.detach().float()
+    strategy.step()
     scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    strategy.zero_grad()
     if dist.is_initialized():
         dist.all_reduce(step_loss)
     return float(step_loss.item() / denominator)
 
 
-def _unwrap(model: Any) -> Any:
-    return model.module if hasattr(model, "module") else model
-
-
 def _report_checkpoint(
-    model: Any, optimizer: Any, scheduler: Any, *, rank: int, state: dict, metrics: dict
+    strategy: Any, scheduler: Any, *, rank: int, state: dict, metrics: dict
 ) -> None:
-    """Save what a resume needs (rank 0) and report it; every rank reports."""
+    """Save what a resume needs and report it; every rank reports.
+
+    Rank 0 writes the consolidated adapter, scheduler, RNG and step; a sharding strategy adds
+    one shard per rank, so then every rank hands Ray its dir (Ray merges them).
+    """
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
+        path = Path(tmp)
+        strategy.save_adapter(path, rank=rank)
+        strategy.save_state(path, rank=rank)
         if rank == 0:
-            _unwrap(model).save_pretrained(tmp)
-            torch.save(optimizer.state_dict(), Path(tmp) / "optimizer.pt")
-            torch.save(scheduler.state_dict(), Path(tmp) / "scheduler.pt")
-            torch.save(torch.get_rng_state(), Path(tmp) / "rng_state.pt")
-            (Path(tmp) / CHECKPOINT_STATE).write_text(json.dumps(state))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            torch.save(scheduler.state_dict(), path / "scheduler.pt")
+            torch.save(torch.get_rng_state(), path / "rng_state.pt")
+            (path / CHECKPOINT_STATE).write_text(json.dumps(state))
+        keep = rank == 0 or strategy.sharded_checkpoint
+        checkpoint = ray.train.Checkpoint.from_directory(tmp) if keep else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}")
 
 
-def _resume(checkpoint: Any, model: Any, optimizer: Any, scheduler: Any) -> dict[str, int]:
+def _resume(checkpoint: Any, strategy: Any, scheduler: Any) -> dict[str, int]:
     """Load adapter, optimizer, scheduler and RNG from a checkpoint, if there is one."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     if checkpoint is None:
         return {"step": 0, "epoch": 0, "micro_in_epoch": 0}
     with checkpoint.as_directory() as directory:
         path = Path(directory)
-        set_peft_model_state_dict(_unwrap(model), load_file(path / "adapter_model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        strategy.load_state(path)
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         torch.set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
         state = json.loads((path / CHECKPOINT_STATE).read_text())
     print(f"[rayft] resumed from step {state['step']}", flush=True)
     return state
+
+
+def _write_strategy_stats(output_dir: Path, strategy: Any, *, rank: int) -> None:
+    """`strategy_rank<N>.json`: the strategy and how many parameter elements this rank holds."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"strategy_rank{rank}.json").write_text(json.dumps(strategy.describe()))
 
 
 def _write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
@@ -278,11 +288,17 @@ def _write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
 
 
 def _save_final(
-    model: Any, tokenizer: Any, config: RayftConfig, *, losses: list[float], started: float
+    strategy: Any, tokenizer: Any, config: RayftConfig, *, rank: int, losses: list[float],
+    started: float,
 ) -> None:
-    """The adapter and tokenizer in `output_dir`, as LLaMA-Factory leaves them."""
+    """The adapter and tokenizer in `output_dir`, as LLaMA-Factory leaves them.
+
+    Collective (a sharded adapter is gathered on every rank); rank 0 writes.
+    """
     out = Path(config.output_dir)
-    _unwrap(model).save_pretrained(out)
+    strategy.save_adapter(out, rank=rank)
+    if rank != 0:
+        return
     tokenizer.save_pretrained(out)
     runtime = time.time() - started
     results = {

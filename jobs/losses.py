@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +112,8 @@ def sequence_logps(
 
     This is log pi(y | x) of the preference losses: the response tokens carry labels, the prompt
     and the padding carry `IGNORE_INDEX`. Every position contributes only its own label's
-    log-probability, so a sample's value does not depend on how much padding (left or right) its
-    batch adds, as in TRL (`get_batch_logps` of its CPO/ORPO trainers; the summed fused-head
+    log-probability, so given the same logits at its real positions a sample's value does not
+    depend on how much padding (left or right) its batch adds, as in TRL (`get_batch_logps` of its CPO/ORPO trainers; the summed fused-head
     `log_probs` of its DPO/KTO trainers).
 
     `average=True` gives the per-token mean, which ORPO, SimPO and TRL's length-normalised IPO
@@ -183,12 +183,13 @@ def dpo_loss(
     The implicit reward of a response is beta * log(pi / pi_ref); the loss pushes the chosen
     reward above the rejected one. With delta = (chosen - ref_chosen) - (rejected - ref_rejected):
     - "sigmoid": -log sigma(beta * delta), TRL's default. `label_smoothing` = eps gives cDPO,
-      -(1 - eps) log sigma(beta * delta) - eps log sigma(-beta * delta): the formula of TRL's
-      DPOTrainer before 1.x, which LLaMA-Factory's `dpo_label_smoothing` feeds. TRL 1.x's DPO
-      ignores `label_smoothing` for "sigmoid" (it only reads it for robust/exo/aot).
+      -(1 - eps) log sigma(beta * delta) - eps log sigma(-beta * delta): the formula of the
+      `DPOTrainer.dpo_loss` of TRL 0.x, which LLaMA-Factory's `dpo_label_smoothing` feeds (TRL
+      1.16's CPO "sigmoid" keeps it). TRL 1.16's DPOTrainer ignores `label_smoothing` for
+      "sigmoid" (it reads it only for robust/exo_pair/aot).
     - "hinge": relu(1 - beta * delta) (SLiC-HF).
     - "ipo": (delta - 1 / (2 beta))^2 (Azar et al. 2023, arXiv:2310.12036). Pass per-token
-      *average* log-probs (`sequence_logps(average=True)`) for policy and reference: TRL 1.x
+      *average* log-probs (`sequence_logps(average=True)`) for policy and reference: TRL 1.16
       divides each sequence's log-ratio by its completion length for IPO, and LLaMA-Factory
       averages the log-probs for IPO; both equal the mean-based delta.
 
@@ -207,12 +208,18 @@ def dpo_loss(
         `losses.mean()`.
 
     Raises:
-        ValueError: unknown `loss_type`, or `label_smoothing` outside [0, 0.5).
+        ValueError: unknown `loss_type`, `label_smoothing` outside [0, 0.5), or label smoothing
+            with a loss type other than "sigmoid".
     """
     if loss_type not in _DPO_LOSSES:
         raise ValueError(f"Unknown DPO loss_type {loss_type!r}; valid: {sorted(_DPO_LOSSES)}.")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}.")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(
+            f"label_smoothing={label_smoothing} applies to loss_type='sigmoid' only, "
+            f"not {loss_type!r}; set it to 0."
+        )
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     losses = _DPO_LOSSES[loss_type](chosen_logratios - rejected_logratios, beta, label_smoothing)
@@ -286,7 +293,9 @@ def kto_loss(
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (Maechler 2012)."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return torch.where(
+        x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x))
+    )
 
 
 def orpo_loss(
@@ -432,8 +441,8 @@ def gae(
     TRL's PPOTrainer: the recursion uses `rewards` and `values` exactly as given, so the caller
     zeroes them where the episode is over. TRL keeps one more position than the action mask for
     both (its `padding_mask_p1`: the sequence-level score sits on the position after the last
-    response token, and the value there is kept), while TRL <= 0.11's PPO (LLaMA-Factory's) zeroes
-    them with the action mask itself. `mask` (the action mask) is used only to whiten the
+    response token, and the value there is kept), while the PPOTrainer of TRL 0.9, which
+    LLaMA-Factory's PPO stage builds on, zeroes both with the action mask itself. `mask` (the action mask) is used only to whiten the
     advantages and to zero them outside it, as TRL does.
 
     Args:
@@ -517,7 +526,9 @@ def ppo_value_loss(
     Returns:
         (loss scalar, fraction of masked positions where the clipped error is larger).
     """
-    clipped_values = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
+    clipped_values = torch.clamp(
+        values, old_values - clip_range_value, old_values + clip_range_value
+    )
     unclipped_error = torch.square(values - returns)
     clipped_error = torch.square(clipped_values - returns)
     loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
@@ -607,8 +618,23 @@ def grpo_advantages(
 GRPOLossType = Literal["dapo", "grpo", "bnpo", "dr_grpo"]
 
 
+class _Normaliser(Protocol):
+    def __call__(
+        self,
+        per_token: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        num_items: torch.Tensor | float | None,
+        max_len: int | None,
+    ) -> torch.Tensor: ...
+
+
 def _normalise_dapo(
-    per_token: torch.Tensor, mask: torch.Tensor, num_items: float | None, max_len: int | None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_items: torch.Tensor | float | None,
+    max_len: int | None,
 ) -> torch.Tensor:
     if num_items is None:
         raise ValueError("loss_type='dapo' needs num_items_in_batch (the step's token normaliser).")
@@ -616,28 +642,38 @@ def _normalise_dapo(
 
 
 def _normalise_grpo(
-    per_token: torch.Tensor, mask: torch.Tensor, num_items: float | None, max_len: int | None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_items: torch.Tensor | float | None,
+    max_len: int | None,
 ) -> torch.Tensor:
     return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
 
 
 def _normalise_bnpo(
-    per_token: torch.Tensor, mask: torch.Tensor, num_items: float | None, max_len: int | None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_items: torch.Tensor | float | None,
+    max_len: int | None,
 ) -> torch.Tensor:
     return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _normalise_dr_grpo(
-    per_token: torch.Tensor, mask: torch.Tensor, num_items: float | None, max_len: int | None
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    num_items: torch.Tensor | float | None,
+    max_len: int | None,
 ) -> torch.Tensor:
     if max_len is None:
         raise ValueError("loss_type='dr_grpo' needs max_completion_length.")
     return (per_token * mask).sum() / (per_token.size(0) * max_len)
 
 
-_GRPO_NORMALISERS: dict[
-    str, Callable[[torch.Tensor, torch.Tensor, float | None, int | None], torch.Tensor]
-] = {
+_GRPO_NORMALISERS: dict[str, _Normaliser] = {
     "dapo": _normalise_dapo,
     "grpo": _normalise_grpo,
     "bnpo": _normalise_bnpo,
@@ -719,7 +755,7 @@ def grpo_policy_loss(
             per_token_kl = per_token_kl * ratio
         per_token = per_token + beta * per_token_kl
     loss = _GRPO_NORMALISERS[loss_type](
-        per_token, mask, num_items_in_batch, max_completion_length
+        per_token, mask, num_items=num_items_in_batch, max_len=max_completion_length
     )
     is_clipped = ((ratio < 1 - epsilon_low) & (advantages < 0)) | (
         (ratio > 1 + epsilon_high) & (advantages > 0)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from configs import RayftConfig
-from data_pipelines.templates import get_template, prepare_tokenizer
+from data_pipelines.templates import prepare_tokenizer, resolve_template
 
 BUNDLED_MODEL_NAME = "gemma-3-270m"
 
@@ -25,8 +25,7 @@ def load_tokenizer(config: RayftConfig) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(
         config.model_name_or_path, trust_remote_code=config.trust_remote_code
     )
-    if config.template is not None:
-        prepare_tokenizer(tokenizer, get_template(config.template))
+    prepare_tokenizer(tokenizer, resolve_template(config.template, tokenizer))
     return tokenizer
 
 

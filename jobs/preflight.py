@@ -31,9 +31,10 @@ def check_datasets(config: RayftConfig) -> list[ConfigProblem]:
 
 
 def check_template(config: RayftConfig) -> list[ConfigProblem]:
-    """A known template is named (training needs the exact prompt format)."""
+    """A named template exists (unset uses the tokenizer's own chat_template, as in
+    LLaMA-Factory)."""
     if config.template is None:
-        return [ConfigProblem("template", "is required for training; e.g. `template: qwen`")]
+        return []
     try:
         get_template(config.template)
     except ValueError as err:
@@ -63,15 +64,10 @@ def check_output_dir(config: RayftConfig) -> list[ConfigProblem]:
     return []
 
 
-def check_known_template(config: RayftConfig) -> list[ConfigProblem]:
-    """For inference a template is optional (the tokenizer's own is used), but must be known."""
-    return check_template(config) if config.template is not None else []
-
-
 TRAIN_CHECKS = (
     check_model_path, check_template, check_datasets, check_output_dir, check_stage, check_tracker,
 )
-INFER_CHECKS = (check_model_path, check_known_template)
+INFER_CHECKS = (check_model_path, check_template)
 
 
 def load_run_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RayftConfig:

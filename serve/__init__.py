@@ -1,4 +1,4 @@
-"""rayft's model server: an OpenAI-compatible API on Ray Serve over a transformers engine.
+"""rayft's model server: an OpenAI-compatible API on Ray Serve over a transformers or vLLM engine.
 
 Exports are loaded lazily, so that importing `serve.protocol` or `serve.args` (validation,
 the CLI's argument parsing) does not pull in torch, transformers and Ray.
@@ -17,13 +17,15 @@ if TYPE_CHECKING:
     from serve.app import build_app, run_server
     from serve.args import ServeArgs
     from serve.engine import TransformersEngine
+    from serve.engines import load_engine
 
-__all__ = ["ServeArgs", "TransformersEngine", "build_app", "run_server"]
+__all__ = ["ServeArgs", "TransformersEngine", "build_app", "load_engine", "run_server"]
 
 _HOMES = {
     "ServeArgs": "serve.args",
     "TransformersEngine": "serve.engine",
     "build_app": "serve.app",
+    "load_engine": "serve.engines",
     "run_server": "serve.app",
 }
 

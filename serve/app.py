@@ -1,9 +1,14 @@
 """The OpenAI-compatible HTTP server: FastAPI inside a Ray Serve deployment.
 
 Routes (relative to ``ServeArgs.route_prefix``): ``GET /v1/models``,
-``POST /v1/chat/completions``, ``GET /health``. Every error is an OpenAI error body
+``POST /v1/chat/completions``, ``POST /v1/completions`` (both also streamed as server-sent
+events with ``stream: true``), ``GET /health``. Every error is an OpenAI error body
 (``{"error": {"message", "type", "param", "code"}}``) with a status the official clients map
-to their exception classes: 400 bad request, 404 unknown model or route, 500 engine failure.
+to their exception classes: 400 bad request, 401 missing or wrong API key, 404 unknown model or
+route, 413 body too large, 500 engine failure.
+
+Non-streamed requests that arrive together are decoded together (`serve.batch`); streamed ones
+are generated one at a time as they come.
 
 Two ways in:
     - a KubeRay RayService: ``import_path: serve.app:build_app`` with the `ServeArgs` fields
@@ -23,19 +28,37 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.args import ServeArgs
-from serve.engine import ChatTemplateMissingError, RequestError, TransformersEngine
+from serve.auth import bearer_ok, load_api_keys
+from serve.engine import (
+    ChatResult,
+    ChatTemplateMissingError,
+    GenerationRequest,
+    RequestError,
+    StreamDelta,
+)
+from serve.engines import load_engine
 from serve.protocol import (
+    SSE_DONE,
     AssistantMessage,
     ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
     ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
     ErrorDetail,
     ErrorResponse,
     ModelCard,
@@ -43,6 +66,8 @@ from serve.protocol import (
     ProtocolError,
     Usage,
     parse_chat_request,
+    parse_completion_request,
+    sse,
 )
 
 logger = logging.getLogger(__name__)
@@ -51,7 +76,7 @@ logger = logging.getLogger(__name__)
 _LOCAL_HOSTS = {"0.0.0.0", "::", "localhost", "127.0.0.1"}
 _READY_TIMEOUT_S = 60.0
 
-api = FastAPI(title="rayft", summary="OpenAI-compatible chat completions for rayft models")
+api = FastAPI(title="rayft", summary="OpenAI-compatible completions for rayft models")
 
 
 def error_response(
@@ -60,7 +85,7 @@ def error_response(
     """An OpenAI error body with its HTTP status.
 
     Args:
-        status: HTTP status (400, 404, 500 …).
+        status: HTTP status (400, 401, 404, 413, 500 …).
         message: what went wrong and, for the caller's errors, how to fix it.
         param: the request field at fault.
         code: a machine-readable code (``model_not_found`` …).
@@ -79,72 +104,277 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
 
+class _Reject(Exception):
+    """Ends request handling early with an OpenAI error response."""
+
+    def __init__(self, response: JSONResponse) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _usage(results: list[ChatResult]) -> Usage:
+    """The prompt counted once, the completions of every choice summed (as OpenAI does)."""
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+# Defined before the deployment class: module names bound after it were missing in the replica
+# (a NameError under Ray Serve), so every helper the class uses comes first.
+class _StreamFailed(Exception):
+    """A stream broke after its first event; carries the error event to send."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__("stream failed")
+        self.event = event
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except _StreamFailed as failed:
+            yield failed.event
+            yield SSE_DONE
+
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
 @serve.deployment
 @serve.ingress(api)
 class ChatServer:
-    """One replica: a `TransformersEngine` behind the OpenAI routes."""
+    """One replica: an engine (`serve.engines.load_engine`) behind the OpenAI routes."""
 
     def __init__(self, args: ServeArgs) -> None:
         self.args = args
-        self.engine = TransformersEngine(args)
+        self.api_keys = load_api_keys(args)
+        self.engine = load_engine(args)
+        self._generate_batch.set_max_batch_size(args.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
-        """Liveness for load balancers and `run_server`'s readiness wait."""
+        """Liveness for load balancers and `run_server`'s readiness wait (no key needed)."""
         return {"status": "ok"}
 
-    @api.get("/v1/models")
-    async def models(self) -> ModelList:
+    @api.get("/v1/models", response_model=None)
+    async def models(self, request: Request) -> ModelList | JSONResponse:
         """The one model this application serves."""
+        try:
+            self._authorize(request)
+        except _Reject as reject:
+            return reject.response
         return ModelList(data=[ModelCard(id=self.args.model_name)])
 
     @api.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(self, request: Request) -> ChatCompletionResponse | JSONResponse:
-        """Answer one chat request (no streaming, one choice)."""
+    async def chat_completions(
+        self, request: Request
+    ) -> ChatCompletionResponse | StreamingResponse | JSONResponse:
+        """Answer a chat request: ``n`` choices, or one streamed choice."""
         try:
-            req = parse_chat_request(await request.body())
-        except ProtocolError as exc:
-            return error_response(400, exc.message, param=exc.param)
-        if req.model != self.args.model_name:
-            return error_response(
-                404,
-                f"model {req.model!r} does not exist: this server serves {self.args.model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
-        try:
-            # Off the event loop: generation takes seconds and health checks must still answer.
-            result = await asyncio.to_thread(
-                self.engine.chat,
-                req.plain_messages(),
-                max_tokens=req.max_new_tokens(),
-                temperature=req.temperature,
-                top_p=req.top_p,
-                stop=req.stop,
-                seed=req.seed,
-            )
-        except RequestError as exc:
-            return error_response(400, str(exc), param=exc.param)
-        except ChatTemplateMissingError as exc:
-            return error_response(500, str(exc), code="chat_template_missing")
-        except Exception as exc:
-            logger.exception("chat completion failed")
-            return error_response(500, f"the engine failed: {type(exc).__name__}: {exc}")
+            req = await self._read(request, parse_chat_request)
+            gen = await self._prepare(self.engine.prepare_chat, req.plain_messages(), req)
+            if req.stream:
+                return _event_stream(self._chat_events(req, gen))
+            results = await self._generate(gen)
+        except _Reject as reject:
+            return reject.response
         return ChatCompletionResponse(
             model=self.args.model_name,
             choices=[
                 ChatChoice(
-                    index=0,
-                    message=AssistantMessage(content=result.text),
-                    finish_reason=result.finish_reason,
+                    index=i,
+                    message=AssistantMessage(content=r.text),
+                    finish_reason=r.finish_reason,
                 )
+                for i, r in enumerate(results)
             ],
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
+            usage=_usage(results),
         )
+
+    @api.post("/v1/completions", response_model=None)
+    async def completions(
+        self, request: Request
+    ) -> CompletionResponse | StreamingResponse | JSONResponse:
+        """Continue a raw-text prompt (no chat template): ``n`` choices, or one streamed."""
+        try:
+            req = await self._read(request, parse_completion_request)
+            gen = await self._prepare(self.engine.prepare_completion, req.prompt, req)
+            if req.stream:
+                return _event_stream(self._completion_events(req, gen))
+            results = await self._generate(gen)
+        except _Reject as reject:
+            return reject.response
+        return CompletionResponse(
+            model=self.args.model_name,
+            choices=[
+                CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
+                for i, r in enumerate(results)
+            ],
+            usage=_usage(results),
+        )
+
+    # -- request intake ----------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_keys is not None and not bearer_ok(
+            request.headers.get("authorization"), self.api_keys
+        ):
+            raise _Reject(
+                error_response(
+                    401,
+                    "missing or invalid API key: send the header 'Authorization: Bearer <key>' "
+                    "with a key this server accepts",
+                    code="invalid_api_key",
+                )
+            )
+
+    async def _read(
+        self, request: Request, parse: Callable[[bytes], ChatCompletionRequest | CompletionRequest]
+    ) -> ChatCompletionRequest | CompletionRequest:
+        """Authorize, read the body within its size limit, parse it and check the model."""
+        self._authorize(request)
+        limit = self.args.max_request_bytes
+        too_large = _Reject(
+            error_response(
+                413,
+                f"the request body exceeds the server's limit of {limit} bytes: send less text",
+                code="request_too_large",
+            )
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:  # chunked uploads declare no length: count as they come
+                raise too_large
+        try:
+            req = parse(bytes(body))
+        except ProtocolError as exc:
+            raise _Reject(error_response(400, exc.message, param=exc.param)) from exc
+        if req.model != self.args.model_name:
+            raise _Reject(
+                error_response(
+                    404,
+                    f"model {req.model!r} does not exist: this server serves "
+                    f"{self.args.model_name!r}",
+                    param="model",
+                    code="model_not_found",
+                )
+            )
+        cap = self.args.max_tokens_limit
+        asked = req.max_new_tokens()
+        if cap is not None and asked is not None and asked > cap:
+            field = "max_completion_tokens" if asked != req.max_tokens else "max_tokens"
+            raise _Reject(
+                error_response(
+                    400,
+                    f"{field}={asked} exceeds this server's limit of {cap} tokens per completion: "
+                    f"ask for at most {cap}",
+                    param=field,
+                )
+            )
+        return req
+
+    async def _prepare(
+        self,
+        prepare: Callable[..., GenerationRequest],
+        prompt: object,
+        req: ChatCompletionRequest | CompletionRequest,
+    ) -> GenerationRequest:
+        """Render and tokenize off the event loop; the caller's mistakes become 400s."""
+        try:
+            return await asyncio.to_thread(prepare, prompt, **req.sampling())
+        except RequestError as exc:
+            raise _Reject(error_response(400, str(exc), param=exc.param)) from exc
+        except ChatTemplateMissingError as exc:
+            raise _Reject(error_response(500, str(exc), code="chat_template_missing")) from exc
+
+    async def _generate(self, gen: GenerationRequest) -> list[ChatResult]:
+        try:
+            return await self._generate_batch(gen)
+        except Exception as exc:
+            logger.exception("generation failed")
+            raise _Reject(
+                error_response(500, f"the engine failed: {type(exc).__name__}: {exc}")
+            ) from exc
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, gens: list[GenerationRequest]) -> list[list[ChatResult]]:
+        # Requests that arrived together are decoded together, off the event loop so that
+        # health checks and new requests are still answered meanwhile.
+        return await asyncio.to_thread(self.engine.generate, gens)
+
+    # -- streams -----------------------------------------------------------------------------
+
+    async def _chat_events(
+        self, req: ChatCompletionRequest, gen: GenerationRequest
+    ) -> AsyncIterator[str]:
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+        head["model"] = self.args.model_name
+        usage_field = {"usage": None} if req.include_usage() else {}
+
+        def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
+            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish)
+            return sse(ChatCompletionChunk(**head, choices=[choice], **usage_field))
+
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        async for step in self._deltas(gen):
+            if step.text:
+                yield chunk(DeltaMessage(content=step.text))
+            if step.result is not None:
+                yield chunk(DeltaMessage(), step.result.finish_reason)
+                if req.include_usage():
+                    yield sse(ChatCompletionChunk(**head, choices=[], usage=_usage([step.result])))
+        yield SSE_DONE
+
+    async def _completion_events(
+        self, req: CompletionRequest, gen: GenerationRequest
+    ) -> AsyncIterator[str]:
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+        head["model"] = self.args.model_name
+
+        def chunk(text: str, finish: str | None = None) -> str:
+            choice = CompletionChoice(index=0, text=text, finish_reason=finish)
+            return sse(CompletionResponse(**head, choices=[choice]))
+
+        async for step in self._deltas(gen):
+            if step.text:
+                yield chunk(step.text)
+            if step.result is not None:
+                yield chunk("", step.result.finish_reason)
+                if req.include_usage():
+                    yield sse(CompletionResponse(**head, choices=[], usage=_usage([step.result])))
+        yield SSE_DONE
+
+    async def _deltas(self, gen: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """The engine's stream, pulled off the event loop; a failure ends it with an error event.
+
+        Closing this iterator (the client went away) cancels the engine's stream, which stops
+        generation.
+        """
+        cancel = threading.Event()
+        steps: Iterator[StreamDelta] = self.engine.stream(gen, cancel=cancel)
+        try:
+            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                yield step
+        except Exception as exc:
+            logger.exception("streamed generation failed")
+            detail = ErrorDetail(
+                message=f"the engine failed: {type(exc).__name__}: {exc}", type="server_error"
+            )
+            # An HTTP status cannot change once streaming began: the error is the last event.
+            raise _StreamFailed(sse(ErrorResponse(error=detail))) from exc
+        finally:
+            # Not steps.close(): a cancelled request may leave `next` running in its thread.
+            cancel.set()
 
 
 def build_app(args: dict | ServeArgs) -> serve.Application:
@@ -154,14 +384,30 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
         args: `ServeArgs` or its fields as a dict (a RayService passes the dict).
 
     Returns:
-        The bound application; each replica reserves ``num_cpus_per_replica`` CPUs.
+        The bound application; each replica reserves ``num_cpus_per_replica`` CPUs, and
+        there are ``num_replicas`` of them or as many as ``autoscaling`` decides.
 
     Raises:
         pydantic.ValidationError: `args` is not a valid `ServeArgs`.
     """
     serve_args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    deployment = ChatServer.options(ray_actor_options={"num_cpus": serve_args.num_cpus_per_replica})
-    return deployment.bind(serve_args)
+    return ChatServer.options(**deployment_options(serve_args)).bind(serve_args)
+
+
+def deployment_options(args: ServeArgs) -> dict:
+    """Ray Serve deployment options `args` implies: resources, replicas or autoscaling.
+
+    ``max_ongoing_requests`` is at least ``max_batch_size``, or batches could never fill.
+    """
+    options: dict = {
+        "ray_actor_options": {"num_cpus": args.num_cpus_per_replica},
+        "max_ongoing_requests": max(args.max_ongoing_requests, args.max_batch_size),
+    }
+    if args.autoscaling is not None:
+        options["autoscaling_config"] = args.autoscaling.model_dump()
+    else:
+        options["num_replicas"] = args.num_replicas or 1
+    return options
 
 
 def run_server(args: ServeArgs, *, blocking: bool) -> str:
@@ -181,6 +427,7 @@ def run_server(args: ServeArgs, *, blocking: bool) -> str:
 
     Raises:
         RuntimeError: Ray is not initialised, or the application failed to deploy.
+        serve.auth.ApiKeyConfigError: API keys are configured but cannot be read.
         TimeoutError: the application is running but does not answer on ``host:port``
             (Serve was already started on this cluster with other HTTP options).
     """
@@ -189,6 +436,7 @@ def run_server(args: ServeArgs, *, blocking: bool) -> str:
             "run_server needs a Ray cluster: call ray.init(...) first (for a private local "
             "cluster bound to 127.0.0.1, use cluster.runtime.local_ray())"
         )
+    load_api_keys(args)  # a key misconfiguration fails here, not in every replica's restarts
     # Only the first start of Serve on a cluster sets the proxy's host and port; later calls
     # keep the running proxy (Ray logs a warning), which the readiness wait then reports.
     serve.start(

@@ -17,6 +17,28 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+EngineName = Literal["auto", "transformers", "vllm"]
+
+
+class AutoscalingArgs(BaseModel):
+    """Ray Serve autoscaling bounds for the model's deployment (passed as its autoscaling_config)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(default=1, ge=0, description="Replicas kept even when idle.")
+    max_replicas: int = Field(default=1, ge=1, description="Replicas at most.")
+    target_ongoing_requests: float = Field(
+        default=2.0, gt=0.0, description="In-flight requests per replica Serve scales towards."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas={self.min_replicas} exceeds max_replicas={self.max_replicas}: "
+                "raise max_replicas or lower min_replicas"
+            )
+        return self
 
 
 class ServeArgs(BaseModel):
@@ -79,6 +101,65 @@ class ServeArgs(BaseModel):
     route_prefix: str = Field(
         default="/", pattern=r"^/", description="HTTP path the application is mounted at."
     )
+    engine: EngineName = Field(
+        default="auto",
+        description=(
+            "Inference engine. auto: vllm when CUDA and vLLM are available, else transformers."
+        ),
+    )
+    num_replicas: int | None = Field(
+        default=None,
+        ge=1,
+        description="Fixed number of replicas (default 1); exclusive with `autoscaling`.",
+    )
+    autoscaling: AutoscalingArgs | None = Field(
+        default=None, description="Autoscale replicas between bounds; exclusive with num_replicas."
+    )
+    max_ongoing_requests: int = Field(
+        default=32,
+        ge=1,
+        description="Requests a replica accepts at once (queued ones wait); >= max_batch_size.",
+    )
+    max_batch_size: int = Field(
+        default=8, ge=1, description="Non-streaming requests decoded together in one batch."
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.02, ge=0.0, description="How long a batch waits to fill before it runs."
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="File with one API key per line; when set, requests need a Bearer key.",
+    )
+    api_keys_env: str | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Name of an environment variable holding comma-separated API keys (read on each "
+            "replica); when set, requests need a Bearer key."
+        ),
+    )
+    max_request_bytes: int = Field(
+        default=1_000_000, ge=1, description="Largest request body accepted (else HTTP 413)."
+    )
+    max_tokens_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest max_tokens a request may ask for (else HTTP 400); None: no cap.",
+    )
+
+    @model_validator(mode="after")
+    def _one_replica_policy(self) -> ServeArgs:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError(
+                "num_replicas and autoscaling are exclusive: set num_replicas for a fixed count, "
+                "or autoscaling (min_replicas, max_replicas) to let Serve scale"
+            )
+        if self.max_tokens_limit is not None and self.max_new_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} exceeds max_tokens_limit="
+                f"{self.max_tokens_limit}: the default budget must be within the limit"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

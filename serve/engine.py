@@ -3,6 +3,12 @@
 It has no Ray in it, so ``rayft chat`` runs it in-process and the Serve replica wraps the very
 same object; with greedy decoding both give the same text for the same request.
 
+Every engine (this one, `serve.vllm_engine.VLLMEngine`) offers the same interface:
+``prepare_chat`` / ``prepare_completion`` validate a request and turn it into a
+`GenerationRequest` (prompt token ids + sampling), ``generate`` answers a list of them together
+(the server's batches), ``stream`` yields one answer's text as it is generated, and ``chat`` /
+``complete`` are the one-call conveniences for in-process use.
+
 Example:
     >>> engine = TransformersEngine(ServeArgs(model_path="saves/tiny", stop_words=["<|im_end|>"]))
     >>> engine.chat([{"role": "user", "content": "hi"}], temperature=0.0).text  # doctest: +SKIP
@@ -11,14 +17,16 @@ Example:
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import jinja2
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from serve.args import ServeArgs
 from serve.text import first_stop, trim_at_stop
@@ -64,38 +72,119 @@ class ChatResult:
         return len(self.completion_ids)
 
 
-class _StopOnText(StoppingCriteria):
-    """Stops once the decoded completion contains a stop string.
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request, ready for any engine: prompt token ids and sampling settings.
+
+    Attributes:
+        prompt_ids: the rendered, tokenized prompt.
+        max_new_tokens: the completion budget, already checked against the context window.
+        temperature: 0 decodes greedily.
+        top_p: nucleus mass when sampling.
+        stops: stop strings (the request's and the template's), the answer ends before them.
+        seed: seeds sampling; a seeded request is always decoded on its own, so it reproduces.
+        n: completions wanted for this prompt.
+    """
+
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stops: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+
+
+@dataclass
+class StreamDelta:
+    """One step of a streamed answer: new text, and on the last step the whole result."""
+
+    text: str
+    result: ChatResult | None = None
+
+
+class _RowStops(StoppingCriteria):
+    """Per-row budgets and stop strings for a batch, plus cancellation of a streamed answer.
 
     transformers' own ``stop_strings`` works on raw token strings and also fires on a stop string
     that begins inside the prompt's last tokens; this one looks only at the completion, decoded
-    exactly as the answer is, so stopping and trimming (`trim_at_stop`) always agree.
+    exactly as the answer is, so stopping and trimming (`trim_at_stop`) always agree. It records
+    the length at which each row finished: later tokens of that row are padding.
     """
 
     def __init__(
-        self, decode: Callable[[list[int]], str], *, prompt_len: int, stops: Sequence[str]
+        self,
+        decode: Callable[[list[int]], str],
+        *,
+        prompt_len: int,
+        budgets: Sequence[int],
+        stops: Sequence[Sequence[str]],
+        cancel: threading.Event | None = None,
     ) -> None:
         self._decode = decode
         self._prompt_len = prompt_len
-        self._stops = tuple(stops)
+        self._budgets = list(budgets)
+        self._stops = [tuple(s) for s in stops]
+        self._cancel = cancel
+        self.ends: dict[int, int] = {}
 
     def __call__(
         self, input_ids: torch.LongTensor, scores: object, **kwargs: object
     ) -> torch.BoolTensor:
-        done = [
-            first_stop(self._decode(row[self._prompt_len :].tolist()), self._stops) >= 0
-            for row in input_ids
-        ]
+        cancelled = self._cancel is not None and self._cancel.is_set()
+        generated = input_ids.shape[1] - self._prompt_len
+        done = []
+        for row, ids in enumerate(input_ids):
+            if row not in self.ends and (
+                cancelled
+                or generated >= self._budgets[row]
+                or (
+                    self._stops[row]
+                    and first_stop(self._decode(ids[self._prompt_len :].tolist()), self._stops[row])
+                    >= 0
+                )
+            ):
+                self.ends[row] = generated
+            done.append(row in self.ends)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class TransformersEngine:
-    """Loads a causal LM (+ optional LoRA adapter) and answers chat requests one at a time.
+class _TokenQueue(BaseStreamer):
+    """Hands generated token ids to the streaming consumer; the first `put` is the prompt."""
 
-    Generation is serialised by a lock: concurrent requests cannot corrupt each other's state
-    (the tokenizer and a seeded RNG are shared), at the price of no batching. Settings the
-    OpenAI protocol has no field for (top_k, repetition_penalty …) come from the checkpoint's
-    ``generation_config``, as in vLLM.
+    def __init__(self) -> None:
+        self.tokens: queue.Queue[int | None] = queue.Queue()
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(token)
+
+    def end(self) -> None:
+        self.tokens.put(None)
+
+
+@dataclass
+class _Row:
+    request: int
+    prompt_ids: tuple[int, ...]
+    budget: int
+    stops: tuple[str, ...]
+    results: list[ChatResult] = field(default_factory=list)
+
+
+class TransformersEngine:
+    """Loads a causal LM (+ optional LoRA adapter) and answers requests, batched or streamed.
+
+    Requests given to `generate` together are decoded as one left-padded batch where that keeps
+    every answer what it would be alone: greedy requests together, unseeded sampled requests with
+    the same temperature and top_p together, each seeded request on its own (so its seed
+    reproduces). Generation is serialised by a lock: the model, tokenizer and RNG are shared.
+    Settings the OpenAI protocol has no field for (top_k, repetition_penalty …) come from the
+    checkpoint's ``generation_config``, as in vLLM.
     """
 
     def __init__(self, args: ServeArgs) -> None:
@@ -122,39 +211,35 @@ class TransformersEngine:
 
             model = PeftModel.from_pretrained(model, args.adapter_path)
         self.model = model.to(self.device).eval()
-        self.chat_template = args.chat_template or self.tokenizer.chat_template
-        self._stop_token_ids = self._collect_stop_token_ids()
+        self.prompts = PromptBuilder(
+            args, self.tokenizer, context_window=_context_window(self.model.config)
+        )
+        self._stop_token_ids = stop_token_ids(
+            self.tokenizer, args.stop_words, self.model.generation_config.eos_token_id
+        )
         self._lock = threading.Lock()
 
-    def render(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for `messages`, ending in the assistant's generation prompt.
+    # -- preparing requests ----------------------------------------------------------------
 
-        Raises:
-            ChatTemplateMissingError: no chat template is configured or shipped.
-            RequestError: the template rejects the conversation (e.g. roles must alternate).
-        """
-        if not self.chat_template:
-            raise ChatTemplateMissingError(
-                f"model {self.args.model_path!r} has no chat template: set ServeArgs.chat_template "
-                "to the Jinja template the model was trained with"
-            )
-        if not messages:
-            raise RequestError("messages must not be empty", param="messages")
-        try:
-            return self.tokenizer.apply_chat_template(
-                list(messages),
-                tokenize=False,
-                add_generation_prompt=True,
-                chat_template=self.chat_template,
-            )
-        except jinja2.TemplateError as exc:
-            raise RequestError(
-                f"the chat template rejected the messages: {exc}", param="messages"
-            ) from exc
+    def render(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt text for `messages` (see `PromptBuilder.render`)."""
+        return self.prompts.render(messages)
 
     def encode_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Token ids of the rendered prompt; the template carries bos, so none is added."""
-        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+        return self.prompts.encode_chat(messages)
+
+    def prepare_chat(
+        self, messages: Sequence[dict[str, str]], **sampling: object
+    ) -> GenerationRequest:
+        """Validate a chat request (see `PromptBuilder.prepare_chat`)."""
+        return self.prompts.prepare_chat(messages, **sampling)
+
+    def prepare_completion(self, prompt: str, **sampling: object) -> GenerationRequest:
+        """Validate a raw-text completion request (see `PromptBuilder.prepare_completion`)."""
+        return self.prompts.prepare_completion(prompt, **sampling)
+
+    # -- one-call conveniences -------------------------------------------------------------
 
     def chat(
         self,
@@ -185,63 +270,179 @@ class TransformersEngine:
                 prompt plus ``max_tokens`` does not fit the model's context window.
             ChatTemplateMissingError: no chat template is configured or shipped.
         """
-        stop = [stop] if isinstance(stop, str) else list(stop)
-        temperature = self.args.temperature if temperature is None else temperature
-        top_p = self.args.top_p if top_p is None else top_p
-        stops = list(dict.fromkeys([*stop, *self.args.stop_words]))
-        _check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        request = self.prepare_chat(
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+        )
+        return self.generate([request])[0][0]
+
+    def complete(self, prompt: str, **sampling: object) -> ChatResult:
+        """Continue `prompt` as raw text (no chat template); sampling as in `chat`."""
+        return self.generate([self.prepare_completion(prompt, **sampling)])[0][0]
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[ChatResult]]:
+        """Answer several requests, batching those whose answers batching cannot change.
+
+        Args:
+            requests: prepared requests.
+
+        Returns:
+            For each request, its ``n`` results in order.
+        """
+        groups: dict[tuple, list[int]] = {}
+        for i, request in enumerate(requests):
+            if request.temperature == 0:
+                key: tuple = ("greedy",)
+            elif request.seed is None:
+                key = ("sampled", request.temperature, request.top_p)
+            else:
+                key = ("seeded", i)
+            groups.setdefault(key, []).append(i)
+        results: list[list[ChatResult]] = [[] for _ in requests]
         with self._lock:
-            prompt_ids = self.encode_prompt(messages)
-            budget = self._budget(len(prompt_ids), max_tokens)
-            output = self._generate(
-                prompt_ids,
-                max_new_tokens=budget,
-                temperature=temperature,
-                top_p=top_p,
-                stops=stops,
-                seed=seed,
-            )
-            completion_ids = tuple(output[len(prompt_ids) :])
-            return self._result(len(prompt_ids), completion_ids, budget=budget, stops=stops)
+            for indices in groups.values():
+                for i, answers in zip(
+                    indices, self._generate_group([requests[i] for i in indices]), strict=True
+                ):
+                    results[i] = answers
+        return results
+
+    def stream(
+        self, request: GenerationRequest, *, cancel: threading.Event | None = None
+    ) -> Iterator[StreamDelta]:
+        """Generate one answer (``n`` must be 1), yielding its text as it grows.
+
+        Text is held back while it could still be the start of a stop string, so no delta ever
+        contains text past a stop: the deltas join to exactly the non-streamed answer. The last
+        delta carries the `ChatResult`. Closing the iterator early, or setting `cancel` (safe
+        from any thread), stops generation.
+
+        Raises:
+            RequestError: ``n`` is not 1.
+        """
+        if request.n != 1:
+            raise RequestError("streaming supports n=1 only", param="n")
+        tokens = _TokenQueue()
+        cancel = cancel or threading.Event()
+        outcome: dict[str, object] = {}
+
+        def run() -> None:
+            try:
+                with self._lock:
+                    outcome["result"] = self._generate_group(
+                        [request], streamer=tokens, cancel=cancel
+                    )[0][0]
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                outcome["error"] = exc
+                tokens.end()
+
+        worker = threading.Thread(target=run, name="rayft-stream", daemon=True)
+        worker.start()
+        hold = max((len(s) for s in request.stops), default=1) - 1
+        ids: list[int] = []
+        emitted = ""
+        try:
+            while (token := tokens.tokens.get()) is not None:
+                ids.append(token)
+                text = self._decode([t for t in ids if t not in self._stop_token_ids])
+                cut = first_stop(text, request.stops)
+                safe = text[:cut] if cut >= 0 else text[: len(text) - hold]
+                safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
+                if len(safe) > len(emitted) and safe.startswith(emitted):
+                    yield StreamDelta(text=safe[len(emitted) :])
+                    emitted = safe
+            worker.join()
+            if "error" in outcome:
+                raise outcome["error"]  # type: ignore[misc]
+            result: ChatResult = outcome["result"]  # type: ignore[assignment]
+            assert result.text.startswith(emitted), (result.text, emitted)
+            yield StreamDelta(text=result.text[len(emitted) :], result=result)
+        finally:
+            cancel.set()
 
     def _decode(self, ids: list[int]) -> str:
         """The one way completion ids become text, shared by stop strings and the answer."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _generate(
+    def _generate_group(
         self,
-        prompt_ids: list[int],
+        requests: Sequence[GenerationRequest],
         *,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stops: Sequence[str],
-        seed: int | None,
-    ) -> list[int]:
-        input_ids = torch.tensor([prompt_ids], device=self.device)
+        streamer: BaseStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[ChatResult]]:
+        """Decode requests sharing sampling settings as one left-padded batch (lock held)."""
+        sampled = requests[0].temperature > 0
+        rows = [
+            _Row(i, r.prompt_ids, r.max_new_tokens, r.stops)
+            for i, r in enumerate(requests)
+            # Greedy copies would be identical: decode once, copy the result.
+            for _ in range(r.n if sampled else 1)
+        ]
+        width = max(len(row.prompt_ids) for row in rows)
+        pad = self._pad_token_id()
+        pad = 0 if pad is None else pad
+        input_ids = torch.tensor(
+            [[pad] * (width - len(row.prompt_ids)) + list(row.prompt_ids) for row in rows],
+            device=self.device,
+        )
+        attention_mask = torch.tensor(
+            [[0] * (width - len(row.prompt_ids)) + [1] * len(row.prompt_ids) for row in rows],
+            device=self.device,
+        )
+        first = requests[0]
         sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            if temperature > 0
+            {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+            if sampled
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
-        criteria = StoppingCriteriaList(
-            [_StopOnText(self._decode, prompt_len=len(prompt_ids), stops=stops)] if stops else []
+        stops = _RowStops(
+            self._decode,
+            prompt_len=width,
+            budgets=[row.budget for row in rows],
+            stops=[row.stops for row in rows],
+            cancel=cancel,
         )
         # fork_rng: a request's seed must not reset the process-wide RNG of an in-process caller.
         rng_devices = [] if self.device.type == "cpu" else [torch.cuda.current_device()]
         with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
+            if first.seed is not None:
+                torch.manual_seed(first.seed)
             output = self.model.generate(
                 input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
+                attention_mask=attention_mask,
+                max_new_tokens=max(row.budget for row in rows),
                 eos_token_id=sorted(self._stop_token_ids) or None,
                 pad_token_id=self._pad_token_id(),
-                stopping_criteria=criteria,
+                stopping_criteria=StoppingCriteriaList([stops]),
+                streamer=streamer,
                 **sampling,
             )
-        return output[0].tolist()
+        results: list[list[ChatResult]] = [[] for _ in requests]
+        for index, row in enumerate(rows):
+            generated = output[index, width:].tolist()
+            end = min(stops.ends.get(index, len(generated)), row.budget, len(generated))
+            for pos, token in enumerate(generated[:end]):
+                if token in self._stop_token_ids:
+                    end = pos + 1
+                    break
+            results[row.request].append(
+                self._result(
+                    len(row.prompt_ids),
+                    tuple(generated[:end]),
+                    budget=row.budget,
+                    stops=row.stops,
+                )
+            )
+        if not sampled:
+            results = [answers * r.n for answers, r in zip(results, requests, strict=True)]
+        return results
 
     def _result(
         self,
@@ -262,15 +463,153 @@ class TransformersEngine:
             completion_ids=completion_ids,
         )
 
-    def _budget(self, prompt_len: int, max_tokens: int | None) -> int:
+    def _pad_token_id(self) -> int | None:
+        if self.tokenizer.pad_token_id is not None:
+            return self.tokenizer.pad_token_id
+        return min(self._stop_token_ids) if self._stop_token_ids else None
+
+
+class PromptBuilder:
+    """Turns chat messages or raw text into a validated `GenerationRequest`; shared by engines.
+
+    Args:
+        args: the served model's defaults (sampling, stop words, chat template).
+        tokenizer: the model's tokenizer.
+        context_window: the model's maximum sequence length, if known.
+    """
+
+    def __init__(self, args: ServeArgs, tokenizer: object, *, context_window: int | None) -> None:
+        self.args = args
+        self.tokenizer = tokenizer
+        self.context_window = context_window
+        self.chat_template = args.chat_template or getattr(tokenizer, "chat_template", None)
+
+    def render(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt text for `messages`, ending in the assistant's generation prompt.
+
+        Raises:
+            ChatTemplateMissingError: no chat template is configured or shipped.
+            RequestError: the template rejects the conversation (e.g. roles must alternate).
+        """
+        if not self.chat_template:
+            raise ChatTemplateMissingError(
+                f"model {self.args.model_path!r} has no chat template: set ServeArgs.chat_template "
+                "to the Jinja template the model was trained with"
+            )
+        if not messages:
+            raise RequestError("messages must not be empty", param="messages")
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages),
+                tokenize=False,
+                add_generation_prompt=True,
+                chat_template=self.chat_template,
+            )
+        except jinja2.TemplateError as exc:
+            raise RequestError(
+                f"the chat template rejected the messages: {exc}", param="messages"
+            ) from exc
+
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of the rendered prompt; the template carries bos, so none is added."""
+        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+
+    def prepare_chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        n: int = 1,
+    ) -> GenerationRequest:
+        """Render, tokenize and validate a chat request.
+
+        Raises:
+            RequestError: a sampling value is out of range, a stop string is empty, or the
+                prompt plus ``max_tokens`` does not fit the model's context window.
+            ChatTemplateMissingError: no chat template is configured or shipped.
+        """
+        return self._request(
+            self.encode_chat(messages),
+            "messages",
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            n=n,
+        )
+
+    def prepare_completion(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        n: int = 1,
+    ) -> GenerationRequest:
+        """Tokenize raw text (the tokenizer's own bos added, no chat template) and validate.
+
+        Raises:
+            RequestError: as for `prepare_chat`, or the prompt is empty.
+        """
+        if not prompt:
+            raise RequestError("prompt must not be empty", param="prompt")
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        return self._request(
+            ids,
+            "prompt",
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            n=n,
+        )
+
+    def _request(
+        self,
+        prompt_ids: list[int],
+        prompt_field: str,
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        stop: Sequence[str],
+        seed: int | None,
+        n: int,
+    ) -> GenerationRequest:
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        temperature = self.args.temperature if temperature is None else temperature
+        top_p = self.args.top_p if top_p is None else top_p
+        _check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop)
+        if n < 1:
+            raise RequestError(f"n must be >= 1, got {n}", param="n")
+        return GenerationRequest(
+            prompt_ids=tuple(prompt_ids),
+            max_new_tokens=self._budget(len(prompt_ids), max_tokens, prompt_field),
+            temperature=temperature,
+            top_p=top_p,
+            stops=tuple(dict.fromkeys([*stop, *self.args.stop_words])),
+            seed=seed,
+            n=n,
+        )
+
+    def _budget(self, prompt_len: int, max_tokens: int | None, prompt_field: str) -> int:
         """Tokens the completion may use, checked against the context window."""
-        context = _context_window(self.model.config)
+        context = self.context_window
         room = None if context is None else context - prompt_len
         if room is not None and room < 1:
             raise RequestError(
                 f"the prompt is {prompt_len} tokens, which fills the model's context window of "
-                f"{context}: shorten the messages",
-                param="messages",
+                f"{context}: shorten the {prompt_field}",
+                param=prompt_field,
             )
         if max_tokens is None:
             return self.args.max_new_tokens if room is None else min(self.args.max_new_tokens, room)
@@ -282,22 +621,20 @@ class TransformersEngine:
             )
         return max_tokens
 
-    def _collect_stop_token_ids(self) -> set[int]:
-        """eos ids of the tokenizer and generation config, plus stop words that are one token."""
-        ids: set[int] = set()
-        for source in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if source is not None:
-                ids.update([source] if isinstance(source, int) else source)
-        for word in self.args.stop_words:
-            word_ids = self.tokenizer.encode(word, add_special_tokens=False)
-            if len(word_ids) == 1:
-                ids.add(word_ids[0])
-        return ids
 
-    def _pad_token_id(self) -> int | None:
-        if self.tokenizer.pad_token_id is not None:
-            return self.tokenizer.pad_token_id
-        return min(self._stop_token_ids) if self._stop_token_ids else None
+def stop_token_ids(
+    tokenizer: object, stop_words: Sequence[str], generation_eos: int | list[int] | None
+) -> set[int]:
+    """eos ids of the tokenizer and generation config, plus stop words that are one token."""
+    ids: set[int] = set()
+    for source in (generation_eos, getattr(tokenizer, "eos_token_id", None)):
+        if source is not None:
+            ids.update([source] if isinstance(source, int) else source)
+    for word in stop_words:
+        word_ids = tokenizer.encode(word, add_special_tokens=False)
+        if len(word_ids) == 1:
+            ids.add(word_ids[0])
+    return ids
 
 
 def _check_sampling(

@@ -1,10 +1,12 @@
-"""The subset of the OpenAI chat-completions protocol that rayft serves.
+"""The subset of the OpenAI chat-completions and completions protocol that rayft serves.
 
 Requests are validated strictly on types (a string where a number belongs is an error, not a
 coercion) but unknown fields are ignored, because the official clients send fields we do not
-implement (``stream_options``, ``user``, ``metadata`` …) and must keep working. Features we do
-not implement yet but whose silent omission would change the answer (``n > 1``, streaming) are
+implement (``user``, ``metadata`` …) and must keep working. Features we do not implement but
+whose silent omission would change the answer (``n > 1`` while streaming, several prompts) are
 rejected with a 400 that names the field, never faked.
+
+Streams are server-sent events: one ``data: <chunk JSON>`` per event, ended by ``data: [DONE]``.
 
 Example:
     >>> req = parse_chat_request(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
@@ -18,7 +20,14 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "user", "assistant"]
@@ -76,37 +85,41 @@ class ChatMessage(_Request):
         return "".join(texts)
 
 
-class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions`` body."""
+MAX_N = 16
+
+
+class StreamOptions(_Request):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Request):
+    """Fields chat completions and completions share."""
 
     model: str
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    n: Annotated[int, Field(ge=1)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
+    @model_validator(mode="after")
+    def _one_choice_when_streaming(self) -> _SamplingRequest:
+        if self.stream and self.n != 1:
             raise PydanticCustomError(
-                "unsupported", "n={n} is not supported yet: only n=1 (one choice)", {"n": n}
+                "unsupported",
+                "n={n} is not supported with stream=true: stream one choice (n=1) per request",
+                {"n": self.n, "param": "n"},
             )
-        return n
+        return self
 
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, stream: bool) -> bool:
-        if stream:
-            raise PydanticCustomError(
-                "unsupported", "streaming is not supported yet: send stream=false", {}
-            )
-        return stream
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -123,6 +136,28 @@ class ChatCompletionRequest(_Request):
             raise PydanticCustomError("empty_stop", "stop strings must not be empty", {})
         return stop
 
+    def sampling(self) -> dict[str, object]:
+        """The engine's sampling keyword arguments (``max_tokens`` … ``n``)."""
+        return {
+            "max_tokens": self.max_new_tokens(),
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": self.stop,
+            "seed": self.seed,
+            "n": self.n,
+        }
+
+    def max_new_tokens(self) -> int | None:
+        """The completion budget the request asks for."""
+        return self.max_tokens
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions`` body."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
     def max_new_tokens(self) -> int | None:
         """The completion budget: ``max_completion_tokens`` wins over the legacy ``max_tokens``."""
         return (
@@ -134,6 +169,39 @@ class ChatCompletionRequest(_Request):
     def plain_messages(self) -> list[dict[str, str]]:
         """Messages as the ``{"role", "content"}`` dicts chat templates expect."""
         return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions`` body: one prompt, continued as raw text (no chat template)."""
+
+    prompt: str
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, prompt: object) -> object:
+        # The protocol allows a batch of prompts; one prompt per request keeps choices simple.
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise PydanticCustomError(
+                    "one_prompt",
+                    "prompt must be a string or a list of exactly one string (token ids and "
+                    "several prompts are not supported: send one request per prompt)",
+                    {},
+                )
+            return prompt[0]
+        return prompt
+
+
+def parse_completion_request(body: bytes | str) -> CompletionRequest:
+    """Parse and validate a completions body.
+
+    Raises:
+        ProtocolError: as for `parse_chat_request`.
+    """
+    try:
+        return CompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise _protocol_error(exc) from exc
 
 
 def parse_chat_request(body: bytes | str) -> ChatCompletionRequest:
@@ -158,7 +226,11 @@ def parse_chat_request(body: bytes | str) -> ChatCompletionRequest:
 def _protocol_error(exc: ValidationError) -> ProtocolError:
     """Turn pydantic's errors into one OpenAI-style message naming every bad field."""
     errors = exc.errors(include_url=False)
-    params = [".".join(str(part) for part in err["loc"]) for err in errors]
+    # Whole-request checks have no location: they name their field in the error's context.
+    params = [
+        ".".join(str(part) for part in err["loc"]) or (err.get("ctx") or {}).get("param", "")
+        for err in errors
+    ]
     details = "; ".join(
         f"'{param}': {err['msg']}" if param else err["msg"]
         for param, err in zip(params, errors, strict=True)
@@ -189,7 +261,7 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
-    """One generated choice (rayft produces exactly one)."""
+    """One generated choice."""
 
     index: int
     message: AssistantMessage
@@ -230,3 +302,58 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class DeltaMessage(BaseModel):
+    """What a chat stream chunk adds: the role once, then content pieces."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice of a chat stream chunk."""
+
+    index: int
+    delta: DeltaMessage
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    """One generated completion choice (also the choice of a completion stream chunk)."""
+
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    """``POST /v1/completions`` answer; streamed chunks share its shape."""
+
+    id: str = Field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+def sse(chunk: BaseModel) -> str:
+    """One server-sent event carrying `chunk` as JSON (``usage`` kept even when null)."""
+    return f"data: {chunk.model_dump_json()}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -20,10 +20,12 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +57,74 @@ TEMPLATES: tuple[str, ...] = (
     # Not in the original brief: LF 0.9.5 maps the text-only Gemma-3 270M/1B checkpoints to
     # "gemma2" (efficient_eos, no eos swap), and "gemma3" needs a multimodal processor.
     "gemma2",
+    "yi",
+    "baichuan2",
+    "intern2",
+    "cohere",
+    "falcon",
+    "zephyr",
+    "olmo",
+    "phi",
+    "deepseek",
 )
+# With `template` unset, LF parses the tokenizer's own chat_template (`parse_template`). Each
+# entry is a Jinja template written next to a copy of the tiny tokenizer; its golden cases have
+# `"template": null` and `"chat_template": <key>`.
+TOKENIZER_CHAT_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+        " + '<|im_end|>' + '\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    # A built-in default system (Qwen-2.5 style) exercises LF's default-system detection.
+    "chatml_default_system": (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{% else %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+        "{% for message in messages %}{% if message['role'] != 'system' %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
 # dataset name -> (dataset_dir, number of leading rows to keep)
 DATASETS: dict[str, tuple[Path, int]] = {
     "alpaca_en_demo": (MAIN_DATA_DIR, 40),
     "identity": (MAIN_DATA_DIR, 20),
     "multiturn_demo": (MULTITURN_DATA_DIR, 5),
+    # Function calling (sharegpt with function_call/observation turns and a `tools` column):
+    # the first 20 rows of LF's glaive demo, and hand-written rows (system prompt, multi-turn
+    # tool use, a thought in an answer, an empty tool list; parallel calls, a tag-wrapped call
+    # and a thought before a call in the edge set).
+    "glaive_toolcall_en_demo": (MULTITURN_DATA_DIR, 20),
+    "tool_demo": (MULTITURN_DATA_DIR, 4),
+    "tool_edge_demo": (MULTITURN_DATA_DIR, 3),
 }
+TEXT_DATASETS: tuple[str, ...] = ("alpaca_en_demo", "identity", "multiturn_demo")
+TOOL_DATASETS: tuple[str, ...] = ("glaive_toolcall_en_demo", "tool_demo", "tool_edge_demo")
+# The four tool formats' templates get the glaive rows; the others of TOOL_TEMPLATES (and the
+# tokenizer chat templates, which use the default format) only the small hand-written set.
+GLAIVE_TEMPLATES: tuple[str, ...] = ("qwen", "llama3", "glm4", "default")
+TOOL_TEMPLATES: tuple[str, ...] = (*GLAIVE_TEMPLATES, "qwen3", "mistral")
+# tool_edge_demo: glm4 has no parallel calls, and LF's Llama-2-style templates (mistral) read
+# neither <tool_call> tags nor a thought before a call, so both would fail the whole case.
+EDGE_TOOL_TEMPLATES: tuple[str, ...] = ("qwen", "qwen3", "llama3", "default")
+# Templates added after the first goldens: alpaca_en_demo is cut to its first rows for them,
+# which covers every slot while keeping the golden file small.
+SHORT_ALPACA_TEMPLATES: tuple[str, ...] = (
+    "yi",
+    "intern2",
+    "cohere",
+    "falcon",
+    "zephyr",
+    "olmo",
+    "phi",
+    "deepseek",
+)
+SHORT_ALPACA_ROWS = 10
 # Context appended to LF's error message when a template is skipped, for whoever reads the golden.
 SKIP_NOTES: dict[str, str] = {
+    "baichuan2": " (LF 0.9.5 no longer ships a baichuan2 template; rayft does not register one.)",
     "gemma3": (
         " (gemma3 uses mm_plugin Gemma3Plugin, whose process_messages requires a multimodal"
         " processor even for text-only rows; a tokenizer-only model dir has none. Its text slots"
@@ -72,6 +133,9 @@ SKIP_NOTES: dict[str, str] = {
 }
 LONG_CUTOFF = 1024
 SHORT_CUTOFF = 24
+TOOL_SHORT_CUTOFF = 96
+# LF's llama3 tool prompt writes today's date (`datetime.now()`); the cases record it.
+LLAMA3_DATE_FORMAT = "%d %b %Y"
 SAMPLE_SYSTEM = "You are a helpful assistant."
 SAMPLE_QUERY = "Who are you?"
 SAMPLE_RESPONSE = "I am a tiny test model."
@@ -156,16 +220,39 @@ class GoldenGenerator:
         self.workdir = workdir
         self.verbose = verbose
         self._case_no = 0
+        self.conversations: dict[str, list[dict[str, Any]]] = {}
+        self.chat_template_dirs = {
+            name: self._tokenizer_with_chat_template(name, jinja)
+            for name, jinja in TOKENIZER_CHAT_TEMPLATES.items()
+        }
 
-    def _args(self, template: str, dataset: str, cutoff_len: int, **extra: Any) -> dict[str, Any]:
+    def _tokenizer_with_chat_template(self, name: str, jinja: str) -> Path:
+        """A copy of the tiny tokenizer whose own chat_template is ``jinja``.
+
+        The files are copied, not re-saved, so the vocabulary stays byte-identical; transformers
+        reads ``chat_template.jinja`` next to them.
+        """
+        out = self.workdir / f"tokenizer_{name}"
+        shutil.copytree(self.tokenizer_dir, out)
+        (out / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+        return out
+
+    def _args(
+        self,
+        template: str | None,
+        chat_template: str | None,
+        dataset: str,
+        cutoff_len: int,
+        **extra: Any,
+    ) -> dict[str, Any]:
         dataset_dir, max_samples = DATASETS[dataset]
         self._case_no += 1
-        return {
+        model_dir = self.chat_template_dirs[chat_template] if chat_template else self.tokenizer_dir
+        args = {
             "stage": "sft",
             "do_train": True,
-            "model_name_or_path": str(self.tokenizer_dir),
+            "model_name_or_path": str(model_dir),
             "finetuning_type": "lora",
-            "template": template,
             "dataset": dataset,
             "dataset_dir": str(dataset_dir),
             "cutoff_len": cutoff_len,
@@ -177,6 +264,9 @@ class GoldenGenerator:
             "seed": 42,
             **extra,
         }
+        if template is not None:  # unset: LF parses the tokenizer's chat_template
+            args["template"] = template
+        return args
 
     def _quiet(self) -> contextlib.AbstractContextManager[Any]:
         """LF prints a training example per dataset; keep stdout clean unless --verbose."""
@@ -200,23 +290,67 @@ class GoldenGenerator:
 
     def run_case(
         self,
-        template_name: str,
+        template_name: str | None,
         dataset: str,
         cutoff_len: int,
         train_on_prompt: bool = False,
         mask_history: bool = False,
+        chat_template: str | None = None,
+        enable_thinking: bool = True,
+        preserve_thinking: bool = False,
+        max_samples: int | None = None,
     ) -> dict[str, Any]:
-        """Tokenize one dataset with one template/flag combination via ``get_dataset``."""
+        """Tokenize one dataset with one template/flag combination via ``get_dataset``.
+
+        If the day changes while LF runs, the llama3 tool prompt's date is ambiguous and the
+        case is run again.
+        """
+        for _attempt in range(2):
+            day = datetime.now().strftime(LLAMA3_DATE_FORMAT)
+            case = self._run_case_once(
+                template_name,
+                dataset,
+                cutoff_len,
+                train_on_prompt=train_on_prompt,
+                mask_history=mask_history,
+                chat_template=chat_template,
+                enable_thinking=enable_thinking,
+                preserve_thinking=preserve_thinking,
+                max_samples=max_samples,
+            )
+            if datetime.now().strftime(LLAMA3_DATE_FORMAT) == day:
+                case["tool_date"] = day if dataset in TOOL_DATASETS else None
+                return case
+        raise RuntimeError("the date changed twice while generating one case")
+
+    def _run_case_once(
+        self,
+        template_name: str | None,
+        dataset: str,
+        cutoff_len: int,
+        *,
+        train_on_prompt: bool,
+        mask_history: bool,
+        chat_template: str | None,
+        enable_thinking: bool,
+        preserve_thinking: bool,
+        max_samples: int | None,
+    ) -> dict[str, Any]:
         from llamafactory.data import get_dataset
         from llamafactory.data.loader import _get_merged_dataset
 
         args = self._args(
             template_name,
+            chat_template,
             dataset,
             cutoff_len,
             train_on_prompt=train_on_prompt,
             mask_history=mask_history,
+            enable_thinking=enable_thinking,
+            preserve_thinking=preserve_thinking,
         )
+        if max_samples is not None:
+            args["max_samples"] = max_samples
         with self._quiet():
             model_args, data_args, training_args, tokenizer_module, template = self.load(args)
             # The aligned (pre-tokenization) rows tell which source rows LF keeps, so each
@@ -237,26 +371,55 @@ class GoldenGenerator:
             raise RuntimeError(
                 f"row bookkeeping mismatch: {len(train)} encoded vs {len(kept)} kept"
             )
+        self._record_conversations(dataset, aligned, kept)
         rows = [
             {"index": idx, "input_ids": list(ex["input_ids"]), "labels": list(ex["labels"])}
             for idx, ex in zip(kept, train, strict=True)
         ]
         return {
             "template": template_name,
+            "chat_template": chat_template,
             "dataset": dataset,
             "cutoff_len": cutoff_len,
             "train_on_prompt": train_on_prompt,
             "mask_history": mask_history,
+            "enable_thinking": enable_thinking,
+            "preserve_thinking": preserve_thinking,
             "rows": rows,
             "dropped": len(aligned) - len(kept),
         }
 
-    def template_info(self, template_name: str) -> dict[str, Any]:
+    def _record_conversations(self, dataset: str, aligned: Any, kept: list[int]) -> None:
+        """Keep LF's canonical rows (messages, system, tools) once per dataset and row.
+
+        They do not depend on the template, so rayft's parity test can feed them straight to
+        the template and masking code, and converter tests can compare against them.
+        """
+        known = {row["index"] for row in self.conversations.setdefault(dataset, [])}
+        for i in kept:
+            if i in known:
+                continue
+            self.conversations[dataset].append(
+                {
+                    "index": i,
+                    "messages": [
+                        {"role": m["role"], "content": m["content"]}
+                        for m in aligned[i]["_prompt"] + aligned[i]["_response"]
+                    ],
+                    "system": aligned[i]["_system"],
+                    "tools": aligned[i]["_tools"],
+                }
+            )
+        self.conversations[dataset].sort(key=lambda row: row["index"])
+
+    def template_info(
+        self, template_name: str | None, chat_template: str | None = None
+    ) -> dict[str, Any]:
         """Record what LF does to the tokenizer and how it renders a sample prompt."""
         base_len = len(self._base_tokenizer())
         with self._quiet():
             _, _, _, tokenizer_module, template = self.load(
-                self._args(template_name, "multiturn_demo", LONG_CUTOFF)
+                self._args(template_name, chat_template, "multiturn_demo", LONG_CUTOFF)
             )
         tok = tokenizer_module["tokenizer"]
         messages = [
@@ -283,11 +446,14 @@ class GoldenGenerator:
             "default_system": template.default_system,
             "thought_words": list(template.thought_words),
             "enable_thinking": template.enable_thinking,
+            "tool_format": template.format_tools.tool_format,
             "slots": {
                 "prefix": _slots_as_data(template.format_prefix.apply()),
                 "system": _slots_as_data(template.format_system.slots),
                 "user": _slots_as_data(template.format_user.slots),
                 "assistant": _slots_as_data(template.format_assistant.slots),
+                "function": _slots_as_data(template.format_function.slots),
+                "observation": _slots_as_data(template.format_observation.slots),
             },
             "sample_system": SAMPLE_SYSTEM,
             "sample_query": SAMPLE_QUERY,
@@ -308,42 +474,71 @@ class GoldenGenerator:
         return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
 
 
+def _tokenizer_key(chat_template: str) -> str:
+    """Name under which a tokenizer-chat-template variant appears in `templates`/`skipped`."""
+    return f"tokenizer:{chat_template}"
+
+
 def _case_plan() -> list[dict[str, Any]]:
     """All (template, dataset, cutoff, flags) combinations the goldens cover."""
     plan: list[dict[str, Any]] = []
+
+    def add(template: str | None, dataset: str, cutoff: int = LONG_CUTOFF, **flags: Any) -> None:
+        plan.append({"template_name": template, "dataset": dataset, "cutoff_len": cutoff, **flags})
+
     for template in TEMPLATES:
-        for dataset in DATASETS:
-            plan.append({"template_name": template, "dataset": dataset, "cutoff_len": LONG_CUTOFF})
+        for dataset in TEXT_DATASETS:
+            if template in SHORT_ALPACA_TEMPLATES and dataset == "alpaca_en_demo":
+                add(template, dataset, max_samples=SHORT_ALPACA_ROWS)
+            else:
+                add(template, dataset)
+    for chat_template in TOKENIZER_CHAT_TEMPLATES:
+        for dataset in TEXT_DATASETS:
+            rows = {"max_samples": SHORT_ALPACA_ROWS} if dataset == "alpaca_en_demo" else {}
+            add(None, dataset, chat_template=chat_template, **rows)
+        add(None, "tool_demo", chat_template=chat_template)
+    for template in GLAIVE_TEMPLATES:
+        add(template, "glaive_toolcall_en_demo")
+    for template in TOOL_TEMPLATES:
+        add(template, "tool_demo")
+    for template in EDGE_TOOL_TEMPLATES:
+        add(template, "tool_edge_demo")
+    # truncation
     for template in ("qwen", "gemma"):
-        for dataset in DATASETS:
-            plan.append({"template_name": template, "dataset": dataset, "cutoff_len": SHORT_CUTOFF})
-    # (template, dataset, cutoff_len, train_on_prompt, mask_history)
-    extras: list[tuple[str, str, int, bool, bool]] = [
-        ("qwen", "multiturn_demo", LONG_CUTOFF, True, False),
-        ("qwen", "alpaca_en_demo", LONG_CUTOFF, True, False),
-        ("qwen", "multiturn_demo", LONG_CUTOFF, False, True),
-        ("qwen", "multiturn_demo", SHORT_CUTOFF, False, True),
-        ("gemma", "multiturn_demo", LONG_CUTOFF, False, True),
-        ("qwen3", "multiturn_demo", LONG_CUTOFF, False, True),
-        ("glm4", "multiturn_demo", LONG_CUTOFF, False, True),
-    ]
-    for template, dataset, cutoff, top, mh in extras:
-        plan.append(
-            {
-                "template_name": template,
-                "dataset": dataset,
-                "cutoff_len": cutoff,
-                "train_on_prompt": top,
-                "mask_history": mh,
-            }
-        )
+        for dataset in TEXT_DATASETS:
+            add(template, dataset, SHORT_CUTOFF)
+    add("llama2", "multiturn_demo", SHORT_CUTOFF)
+    add("glm4", "multiturn_demo", SHORT_CUTOFF)
+    add("qwen", "glaive_toolcall_en_demo", TOOL_SHORT_CUTOFF)
+    add("glm4", "tool_demo", TOOL_SHORT_CUTOFF)
+    # masking switches
+    add("qwen", "multiturn_demo", train_on_prompt=True)
+    add("qwen", "alpaca_en_demo", train_on_prompt=True)
+    add("qwen", "tool_demo", train_on_prompt=True)
+    add("qwen", "multiturn_demo", mask_history=True)
+    add("qwen", "multiturn_demo", SHORT_CUTOFF, mask_history=True)
+    add("gemma", "multiturn_demo", mask_history=True)
+    add("glm4", "multiturn_demo", mask_history=True)
+    add("glm4", "tool_demo", mask_history=True)
+    add("qwen", "tool_demo", mask_history=True)
+    # reasoning: history thoughts, enable_thinking, preserve_thinking
+    add("qwen3", "tool_edge_demo", enable_thinking=False)
+    for dataset in ("multiturn_demo", "tool_demo"):
+        add("qwen3", dataset, mask_history=True)
+        add("qwen3", dataset, enable_thinking=False)
+        add("qwen3", dataset, enable_thinking=False, mask_history=True)
+        add("qwen3", dataset, preserve_thinking=True, mask_history=True)
     return plan
 
 
 def _case_key(case: dict[str, Any]) -> str:
-    return "{template_name}/{dataset}/cutoff={cutoff_len}/top={top}/mh={mh}".format(
-        top=case.get("train_on_prompt", False), mh=case.get("mask_history", False), **case
+    flags = ",".join(
+        f"{key}={value}"
+        for key, value in sorted(case.items())
+        if key not in ("template_name", "chat_template", "dataset", "cutoff_len")
     )
+    name = case["template_name"] or _tokenizer_key(case["chat_template"])
+    return f"{name}/{case['dataset']}/cutoff={case['cutoff_len']}/{flags}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -390,15 +585,18 @@ def main(argv: list[str] | None = None) -> int:
         cases: list[dict[str, Any]] = []
         templates: dict[str, Any] = {}
         skipped: dict[str, str] = {}
-        for template in TEMPLATES:
+        infos = [(name, name, None) for name in TEMPLATES] + [
+            (_tokenizer_key(name), None, name) for name in TOKENIZER_CHAT_TEMPLATES
+        ]
+        for key, template, chat_template in infos:
             try:
-                templates[template] = gen.template_info(template)
+                templates[key] = gen.template_info(template, chat_template)
             except Exception as exc:  # noqa: BLE001 - record any LF failure as data
-                skipped[template] = f"{type(exc).__name__}: {exc}"
+                skipped[key] = f"{type(exc).__name__}: {exc}{SKIP_NOTES.get(key, '')}"
         failures: dict[str, list[tuple[str, str]]] = {}
         planned: dict[str, int] = {}
         for case in _case_plan():
-            name = case["template_name"]
+            name = case["template_name"] or _tokenizer_key(case["chat_template"])
             planned[name] = planned.get(name, 0) + 1
             if name in skipped:
                 continue
@@ -423,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         "generator": "tests/goldens/generate_lf_goldens.py",
         "torchaudio_stubbed": stubbed,
         "cases": cases,
+        "conversations": dict(sorted(gen.conversations.items())),
+        "chat_templates": TOKENIZER_CHAT_TEMPLATES,
         "templates": templates,
         "skipped": skipped,
     }

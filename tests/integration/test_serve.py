@@ -1,16 +1,19 @@
 """The OpenAI server on a real local Ray cluster, driven by the official `openai` client.
 
-One private Ray cluster and one Serve instance per module, with two applications on the same
-127.0.0.1 proxy: the tiny base model at ``/`` and base + a LoRA adapter at ``/lora``. Every
-answer is compared with `TransformersEngine` run in this process, which is what ``rayft chat``
-uses, so "served" and "in-process" cannot drift apart.
+One private Ray cluster and one Serve instance for this module and test_serve_stream.py
+(which imports these fixtures), with three applications on the same 127.0.0.1 proxy: the tiny
+base model at ``/``, base + a LoRA adapter at ``/lora``, and the base model behind API keys and
+request limits at ``/secure``. Every answer is compared with `TransformersEngine` run in this
+process, which is what ``rayft chat`` uses, so "served" and "in-process" cannot drift apart.
 
 Run: ``python -m pytest tests/integration/test_serve.py -x -q``
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import threading
 import urllib.error
@@ -39,6 +42,13 @@ MESSAGES = [
     {"role": "user", "content": "Who are you?"},
 ]
 GREEDY = {"temperature": 0.0, "max_tokens": 16}
+FILE_KEY = "sk-file-key"
+ENV_KEYS = ("sk-env-one", "sk-env-two")
+KEYS_ENV_VAR = "RAYFT_TEST_SERVE_KEYS"
+# Set at import (collection), before any test starts Ray: Ray's workers, the replicas among
+# them, inherit this process's environment as it was when Ray started.
+os.environ[KEYS_ENV_VAR] = ",".join(ENV_KEYS)
+_RUNNING: dict = {}  # while the applications run: their URLs and what shuts them down
 
 
 def _free_loopback_port() -> int:
@@ -47,7 +57,7 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter with random non-zero B, so that it really changes the answers."""
     import torch
@@ -67,7 +77,7 @@ def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def base_args(tiny_model_dir: Path) -> ServeArgs:
     return ServeArgs(
         model_path=str(tiny_model_dir),
@@ -80,7 +90,7 @@ def base_args(tiny_model_dir: Path) -> ServeArgs:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_args(base_args: ServeArgs, adapter_dir: Path) -> ServeArgs:
     return ServeArgs(
         **{
@@ -92,20 +102,66 @@ def lora_args(base_args: ServeArgs, adapter_dir: Path) -> ServeArgs:
     )
 
 
+@pytest.fixture(scope="session")
+def secure_args(base_args: ServeArgs, tmp_path_factory: pytest.TempPathFactory) -> ServeArgs:
+    keys_file = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys_file.write_text(f"# serving keys\n{FILE_KEY}\n\n")
+    return ServeArgs(
+        **{
+            **base_args.model_dump(),
+            "model_name": "tiny-secure",
+            "route_prefix": "/secure",
+            "api_keys_file": str(keys_file),
+            "api_keys_env": KEYS_ENV_VAR,
+            "max_request_bytes": 2_000,
+            "max_tokens_limit": 8,
+            "max_new_tokens": 8,
+        }
+    )
+
+
 @pytest.fixture(scope="module")
-def urls(base_args: ServeArgs, lora_args: ServeArgs) -> Iterator[dict[str, str]]:
-    """Base URLs of both applications, served from one private Ray cluster."""
+def urls(
+    request: pytest.FixtureRequest,
+    base_args: ServeArgs,
+    lora_args: ServeArgs,
+    secure_args: ServeArgs,
+) -> Iterator[dict[str, str]]:
+    """Base URLs of all applications, served from one private Ray cluster.
+
+    test_serve_stream.py imports this fixture, so each module has its own copy: a copy reuses
+    the running servers (`_RUNNING`), and the last module of the session that needs them shuts
+    them down, so that later test modules get their CPUs back.
+    """
+    if not _RUNNING:
+        _RUNNING["stack"] = stack = contextlib.ExitStack()
+        stack.enter_context(local_ray(num_cpus=2))
+        stack.callback(_serve_shutdown)
+        # The first run_server starts Serve's proxy on base_args.port; later ones reuse it.
+        _RUNNING["urls"] = {
+            "tiny": run_server(base_args, blocking=False),
+            "tiny-lora": run_server(lora_args, blocking=False),
+            "tiny-secure": run_server(secure_args, blocking=False),
+        }
+    try:
+        yield _RUNNING["urls"]
+    finally:
+        if not _needed_later(request):
+            _RUNNING.pop("stack").close()
+            _RUNNING.clear()
+
+
+def _serve_shutdown() -> None:
     from ray import serve
 
-    with local_ray(num_cpus=2):
-        try:
-            # The first run_server starts Serve's proxy on base_args.port; the second reuses it.
-            yield {
-                "tiny": run_server(base_args, blocking=False),
-                "tiny-lora": run_server(lora_args, blocking=False),
-            }
-        finally:
-            serve.shutdown()
+    serve.shutdown()
+
+
+def _needed_later(request: pytest.FixtureRequest) -> bool:
+    """Whether a test collected after this module still uses the servers."""
+    items = request.session.items
+    last = max(i for i, item in enumerate(items) if item.module is request.module)
+    return any("urls" in getattr(item, "fixturenames", ()) for item in items[last + 1 :])
 
 
 @pytest.fixture(scope="module")
@@ -118,12 +174,12 @@ def lora_client(urls: dict[str, str]) -> OpenAI:
     return OpenAI(base_url=urls["tiny-lora"], api_key="none", max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine(base_args: ServeArgs) -> TransformersEngine:
     return TransformersEngine(base_args)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_engine(lora_args: ServeArgs) -> TransformersEngine:
     return TransformersEngine(lora_args)
 
@@ -141,7 +197,11 @@ def test_health(urls: dict[str, str]) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path", "status"),
-    [("GET", "/v1/completions", 404), ("GET", "/v1/chat/completions", 405)],
+    [
+        ("GET", "/v1/embeddings", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("GET", "/v1/completions", 405),
+    ],
 )
 def test_unknown_routes_answer_with_openai_error_bodies(
     urls: dict[str, str], method: str, path: str, status: int
@@ -247,18 +307,62 @@ def test_concurrent_requests_do_not_corrupt_each_other(
     assert answers == {i: engine.chat(c, **GREEDY).text for i, c in enumerate(conversations)}
 
 
-def test_n_above_one_is_a_400_naming_n(client: OpenAI) -> None:
+def test_concurrent_requests_are_batched_and_equal_sequential_answers(
+    client: OpenAI,
+) -> None:
+    # Different prompt lengths: the batch is left-padded, which must not change greedy answers.
+    prompts = ["Hi", "Who are you? Tell me about yourself.", "2+2", "Name three colours, please."]
+    budgets = [16, 12, 5, 16]
+
+    def ask(i: int) -> str:
+        response = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": prompts[i]}],
+            temperature=0.0,
+            max_tokens=budgets[i],
+        )
+        return response.choices[0].message.content
+
+    sequential = [ask(i) for i in range(len(prompts))]
+    together: dict[int, str] = {}
+    barrier = threading.Barrier(len(prompts))
+
+    def ask_together(i: int) -> None:
+        barrier.wait()
+        together[i] = ask(i)
+
+    threads = [threading.Thread(target=ask_together, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [together[i] for i in range(len(prompts))] == sequential
+
+
+def test_n_greedy_choices_are_identical(client: OpenAI, engine: TransformersEngine) -> None:
+    expected = engine.chat(MESSAGES, **GREEDY)
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, **GREEDY)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    assert {c.message.content for c in response.choices} == {expected.text}
+    assert response.usage.prompt_tokens == expected.prompt_tokens  # the prompt counts once
+    assert response.usage.completion_tokens == 3 * expected.completion_tokens
+
+
+def test_n_seeded_samples_reproduce(client: OpenAI) -> None:
+    sampling = {"temperature": 1.0, "seed": 11, "max_tokens": 10, "n": 3}
+    first = client.chat.completions.create(model="tiny", messages=MESSAGES, **sampling)
+    again = client.chat.completions.create(model="tiny", messages=MESSAGES, **sampling)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1  # n samples, not one sample copied
+    assert 3 <= first.usage.completion_tokens <= 3 * 10  # summed over the choices
+
+
+def test_n_with_stream_is_a_400_naming_n(client: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny", messages=MESSAGES, n=2)
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=2, stream=True)
     assert err.value.param == "n"
-    assert "n=2 is not supported" in err.value.message
-
-
-def test_streaming_is_a_400_not_a_fake_stream(client: OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny", messages=MESSAGES, stream=True)
-    assert err.value.param == "stream"
-    assert "streaming is not supported yet" in err.value.message
+    assert "stream" in err.value.message
 
 
 def test_invalid_fields_are_400s_naming_the_field(client: OpenAI) -> None:
@@ -291,6 +395,51 @@ def test_lora_answer_equals_in_process_engine_with_the_adapter(
     response = lora_client.chat.completions.create(model="tiny-lora", messages=MESSAGES, **GREEDY)
     assert response.choices[0].message.content == expected.text
     assert response.usage.completion_tokens == expected.completion_tokens
+
+
+def _secure(urls: dict[str, str], key: str) -> OpenAI:
+    return OpenAI(base_url=urls["tiny-secure"], api_key=key, max_retries=0, timeout=60)
+
+
+@pytest.mark.parametrize("key", [FILE_KEY, *ENV_KEYS])
+def test_keys_from_file_and_env_are_accepted(urls: dict[str, str], key: str) -> None:
+    response = _secure(urls, key).chat.completions.create(
+        model="tiny-secure", messages=MESSAGES, temperature=0.0, max_tokens=2
+    )
+    assert response.usage.completion_tokens <= 2
+    assert [m.id for m in _secure(urls, key).models.list().data] == ["tiny-secure"]
+
+
+def test_missing_or_wrong_key_is_a_401(urls: dict[str, str]) -> None:
+    for key in ("sk-wrong", FILE_KEY[:-1]):
+        with pytest.raises(openai.AuthenticationError) as err:
+            _secure(urls, key).chat.completions.create(model="tiny-secure", messages=MESSAGES)
+        assert err.value.code == "invalid_api_key"
+        assert "Authorization: Bearer" in err.value.message
+        assert FILE_KEY not in err.value.message
+    request = urllib.request.Request(urls["tiny-secure"] + "/models")  # no header at all
+    with pytest.raises(urllib.error.HTTPError) as http_err:
+        urllib.request.urlopen(request, timeout=10)
+    assert http_err.value.code == 401
+    assert json.loads(http_err.value.read())["error"]["code"] == "invalid_api_key"
+    # Health stays open for load balancers.
+    health = urls["tiny-secure"].removesuffix("/v1") + "/health"
+    with urllib.request.urlopen(health, timeout=10) as resp:
+        assert resp.status == 200
+
+
+def test_request_limits(urls: dict[str, str]) -> None:
+    client = _secure(urls, FILE_KEY)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny-secure", messages=MESSAGES, max_tokens=9)
+    assert err.value.param == "max_tokens"
+    assert "limit of 8 tokens" in err.value.message
+    with pytest.raises(openai.APIStatusError) as too_big:
+        client.chat.completions.create(
+            model="tiny-secure", messages=[{"role": "user", "content": "x" * 3_000}]
+        )
+    assert too_big.value.status_code == 413
+    assert "limit of 2000 bytes" in too_big.value.message
 
 
 def test_missing_chat_template_is_a_clear_error(tiny_model_dir: Path) -> None:

@@ -97,12 +97,12 @@ def test_missing_model_dir_and_unknown_template_are_both_reported(tmp_path: Path
     assert keys == {"model_name_or_path", "template"}
 
 
-def test_hub_dataset_entries_say_they_are_not_supported_yet(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_script_dataset_entries_say_they_are_not_supported_yet(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    (data / "dataset_info.json").write_text(json.dumps({"hub": {"hf_hub_url": "org/set"}}))
-    values = _valid(tiny_model_dir, tmp_path) | {"dataset": "hub", "dataset_dir": str(data)}
-    with pytest.raises(ConfigError, match="`hf_hub_url` entries are not supported yet"):
+    (data / "dataset_info.json").write_text(json.dumps({"script": {"script_url": "my_script"}}))
+    values = _valid(tiny_model_dir, tmp_path) | {"dataset": "script", "dataset_dir": str(data)}
+    with pytest.raises(ConfigError, match="`script_url` sources are not supported yet"):
         load_run_config(_write(tmp_path, values))
 
 

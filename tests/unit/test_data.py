@@ -8,11 +8,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from data_pipelines.converters import BadRow, convert_alpaca
-from data_pipelines.dataset_info import AlpacaColumns
+from data_pipelines.dataset_info import Columns, RowFormat
 from data_pipelines.pipeline import SKIP_COLUMN, TokenizeSpec, tokenize_rows
 from data_pipelines.supervised import SupervisedOptions, split_budget
 
-COLUMNS = AlpacaColumns(history="history", system="system")
+COLUMNS = RowFormat(columns=Columns(history="history", system="system"))
 
 
 @pytest.mark.parametrize(
@@ -66,8 +66,7 @@ def test_tokenize_rows_counts_instead_of_dropping(tiny_tokenizer_dir: Path) -> N
         trust_remote_code=False,
         template="qwen",
         default_system=None,
-        columns=COLUMNS,
-        formatting="alpaca",
+        row_format=COLUMNS,
         options=SupervisedOptions(cutoff_len=64),
     )
     rows = [

