@@ -86,10 +86,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def serve_args_from_config(config: RayftConfig, *, num_cpus_per_replica: float = 1.0):  # noqa: ANN201
     """The serving settings a config implies: model, adapter, template, sampling, address."""
-    from data_pipelines.templates import get_template
+    from data_pipelines.templates import configure_template, get_template
     from serve import ServeArgs
 
-    template = get_template(config.template) if config.template else None
+    template = (
+        configure_template(
+            get_template(config.template),
+            default_system=config.default_system,
+            tool_format=config.tool_format,
+            enable_thinking=config.enable_thinking,
+        )
+        if config.template
+        else None
+    )
     return ServeArgs(
         model_path=config.model_name_or_path,
         adapter_path=config.adapter_name_or_path,

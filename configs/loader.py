@@ -31,8 +31,8 @@ UNSUPPORTED_KEYS: frozenset[str] = frozenset(
     use_dora use_rslora pissa_init loraplus_lr_ratio use_galore use_badam use_apollo
     flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel resume_from_checkpoint
     infer_backend vllm_maxlen vllm_gpu_util vllm_enforce_eager image_max_pixels
-    video_max_pixels media_dir tool_format ray_run_name ray_storage_filesystem
-    ray_init_kwargs placement_strategy optim enable_thinking
+    video_max_pixels media_dir ray_run_name ray_storage_filesystem
+    ray_init_kwargs placement_strategy optim
     """.split()
 )
 

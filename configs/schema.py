@@ -132,6 +132,12 @@ class RayftConfig(_Strict):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
     default_system: str | None = Field(None, description="Overrides the template's system.")
+    tool_format: str | None = Field(
+        None, description="Tool-call format overriding the template's (default, qwen, glm4, …)."
+    )
+    enable_thinking: bool = Field(
+        True, description="Reasoning templates: train/answer with thinking (LLaMA-Factory's)."
+    )
 
     # method
     stage: Literal["sft"] = Field("sft", description="Training stage.")

@@ -32,7 +32,13 @@ from data_pipelines.converters import ANSWER_ROLES, BadRow, convert_row
 from data_pipelines.dataset_info import DatasetError, DatasetSpec, RowFormat, resolve_dataset
 from data_pipelines.readers import read_dataset, unwrap_read_error
 from data_pipelines.supervised import SupervisedOptions, encode_supervised
-from data_pipelines.templates import BadMessage, Template, prepare_tokenizer, resolve_template
+from data_pipelines.templates import (
+    BadMessage,
+    Template,
+    configure_template,
+    prepare_tokenizer,
+    resolve_template,
+)
 
 SKIP_COLUMN = "skip_reason"
 TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
@@ -73,36 +79,65 @@ class DataReport:
 
 
 @dataclass(frozen=True)
-class TokenizeSpec:
-    """Everything a tokenization task needs; small and picklable."""
+class TemplateSpec:
+    """Which tokenizer and template, with LLaMA-Factory's template options; hashable."""
 
     tokenizer_path: str
     trust_remote_code: bool
     template: str | None
     default_system: str | None
+    tool_format: str | None
+    enable_thinking: bool
+
+
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """Everything a tokenization task needs; small and picklable."""
+
+    template: TemplateSpec
     row_format: RowFormat
     options: SupervisedOptions
 
 
 @functools.lru_cache(maxsize=4)
-def load_prepared_tokenizer(
-    path: str, template_name: str | None, trust_remote_code: bool
-) -> tuple[Any, Template]:
-    """The tokenizer with the template's special tokens, and the template (a named one, else
-    the tokenizer's own chat_template, as LLaMA-Factory does); cached per process."""
+def load_prepared_tokenizer(spec: TemplateSpec) -> tuple[Any, Template]:
+    """The tokenizer with the template's special tokens, and the configured template (a named
+    one, else the tokenizer's own chat_template, as LLaMA-Factory does); cached per process."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    template = resolve_template(template_name, tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.tokenizer_path, trust_remote_code=spec.trust_remote_code
+    )
+    template = configured_template(spec, tokenizer)
     prepare_tokenizer(tokenizer, template)
     return tokenizer, template
 
 
+def configured_template(spec: TemplateSpec, tokenizer: Any) -> Template:
+    """The template a config means, with its LLaMA-Factory options applied."""
+    return configure_template(
+        resolve_template(spec.template, tokenizer),
+        default_system=spec.default_system,
+        tool_format=spec.tool_format,
+        enable_thinking=spec.enable_thinking,
+    )
+
+
+def template_spec(config: Any) -> TemplateSpec:
+    """The template settings of a `RayftConfig`."""
+    return TemplateSpec(
+        tokenizer_path=config.model_name_or_path,
+        trust_remote_code=config.trust_remote_code,
+        template=config.template,
+        default_system=config.default_system,
+        tool_format=config.tool_format,
+        enable_thinking=config.enable_thinking,
+    )
+
+
 def tokenize_rows(rows: list[dict[str, Any]], spec: TokenizeSpec) -> dict[str, list]:
     """Convert and tokenize rows; a bad row yields empty ids and its reason."""
-    tokenizer, template = load_prepared_tokenizer(
-        spec.tokenizer_path, spec.template, spec.trust_remote_code
-    )
+    tokenizer, template = load_prepared_tokenizer(spec.template)
     out: dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, SKIP_COLUMN)}
     for row in rows:
         try:
@@ -113,7 +148,7 @@ def tokenize_rows(rows: list[dict[str, Any]], spec: TokenizeSpec) -> dict[str, l
                 tokenizer,
                 template,
                 conversation.messages,
-                conversation.system or spec.default_system,
+                conversation.system,
                 spec.options,
                 tools=conversation.tools,
             )
@@ -223,6 +258,8 @@ def tokenized_location(config: Any, specs: list[DatasetSpec]) -> Path:
             "stage": config.stage,
             "template": config.template,
             "default_system": config.default_system,
+            "tool_format": config.tool_format,
+            "enable_thinking": config.enable_thinking,
             "cutoff_len": config.cutoff_len,
             "train_on_prompt": config.train_on_prompt,
             "mask_history": config.mask_history,
@@ -256,10 +293,7 @@ def _tokenize(config: Any, specs: list[DatasetSpec], *, cpus_per_task: float) ->
         if limit:
             ds = ds.limit(limit)
         task = TokenizeSpec(
-            tokenizer_path=config.model_name_or_path,
-            trust_remote_code=config.trust_remote_code,
-            template=config.template,
-            default_system=config.default_system,
+            template=template_spec(config),
             row_format=spec.row_format,
             options=options,
         )

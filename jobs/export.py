@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from configs import RayftConfig, write_resolved
-from data_pipelines.templates import get_template
+from data_pipelines.pipeline import configured_template, template_spec
 from jobs.model import load_base_model, load_tokenizer
 
 
@@ -42,8 +42,8 @@ def export_merged(config: RayftConfig) -> Path:
     model = load_base_model(base_config, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tokenizer = load_tokenizer(base_config)
-    if config.template is not None:
-        tokenizer.chat_template = get_template(config.template).to_jinja()
+    if config.template is not None:  # else the tokenizer keeps its own chat_template
+        tokenizer.chat_template = configured_template(template_spec(config), tokenizer).to_jinja()
     target = Path(config.export_dir).expanduser().resolve()
     target.mkdir(parents=True, exist_ok=True)
     merged.generation_config.eos_token_id = _stop_ids(tokenizer, config)
@@ -57,8 +57,7 @@ def export_merged(config: RayftConfig) -> Path:
 def _stop_ids(tokenizer: object, config: RayftConfig) -> list[int]:
     """eos plus every template stop word that is a single token, for generation to stop at."""
     ids = [tokenizer.eos_token_id]
-    stop_words = get_template(config.template).stop_words if config.template else ()
-    for word in stop_words:
+    for word in configured_template(template_spec(config), tokenizer).stop_words:
         token_id = tokenizer.convert_tokens_to_ids(word)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
             ids.append(token_id)

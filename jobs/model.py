@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from configs import RayftConfig
-from data_pipelines.templates import prepare_tokenizer, resolve_template
+from data_pipelines.pipeline import configured_template, template_spec
+from data_pipelines.templates import prepare_tokenizer
 
 BUNDLED_MODEL_NAME = "gemma-3-270m"
 
@@ -25,7 +26,7 @@ def load_tokenizer(config: RayftConfig) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(
         config.model_name_or_path, trust_remote_code=config.trust_remote_code
     )
-    prepare_tokenizer(tokenizer, resolve_template(config.template, tokenizer))
+    prepare_tokenizer(tokenizer, configured_template(template_spec(config), tokenizer))
     return tokenizer
 
 

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from data_pipelines.converters import BadRow, convert_alpaca
 from data_pipelines.dataset_info import Columns, RowFormat
-from data_pipelines.pipeline import SKIP_COLUMN, TokenizeSpec, tokenize_rows
+from data_pipelines.pipeline import SKIP_COLUMN, TemplateSpec, TokenizeSpec, tokenize_rows
 from data_pipelines.supervised import SupervisedOptions, split_budget
 
 COLUMNS = RowFormat(columns=Columns(history="history", system="system"))
@@ -62,10 +62,14 @@ def test_bad_rows_get_a_reason(row: dict, reason: str) -> None:
 
 def test_tokenize_rows_counts_instead_of_dropping(tiny_tokenizer_dir: Path) -> None:
     spec = TokenizeSpec(
-        tokenizer_path=str(tiny_tokenizer_dir),
-        trust_remote_code=False,
-        template="qwen",
-        default_system=None,
+        template=TemplateSpec(
+            tokenizer_path=str(tiny_tokenizer_dir),
+            trust_remote_code=False,
+            template="qwen",
+            default_system=None,
+            tool_format=None,
+            enable_thinking=True,
+        ),
         row_format=COLUMNS,
         options=SupervisedOptions(cutoff_len=64),
     )
