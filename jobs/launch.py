@@ -12,7 +12,9 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from configs import RayftConfig, write_resolved
 from jobs.loop import LoopPlan, plan_steps, train_loop_per_worker
@@ -31,13 +33,16 @@ class TrainingOutcome:
     checkpoint_path: str | None
 
 
-def run_training(config: RayftConfig, *, total_cpus: float) -> TrainingOutcome:
+def run_training(
+    config: RayftConfig, *, total_cpus: float, callbacks: Sequence[Any] = ()
+) -> TrainingOutcome:
     """Tokenize with Ray Data, train with Ray Train, write LLaMA-Factory-style outputs.
 
     Args:
         config: a validated config (see `jobs.preflight.load_run_config`); `output_dir` is
             made absolute so that workers, whose cwd is not the driver's, write to the same place.
         total_cpus: CPUs of the Ray cluster, to size fractional requests.
+        callbacks: Ray Train callbacks (a sweep passes Tune's `TuneReportCallback`).
 
     Returns:
         Paths, steps and the last loss.
@@ -98,6 +103,7 @@ def run_training(config: RayftConfig, *, total_cpus: float) -> TrainingOutcome:
             num_workers=workers, use_gpu=config.ray.use_gpu, resources_per_worker=per_worker
         ),
         run_config=RunConfig(
+            callbacks=list(callbacks),
             name=_run_name(output_dir),
             storage_path=storage,
             failure_config=FailureConfig(max_failures=config.ray.max_failures),

@@ -28,6 +28,8 @@ REPORTED_METRICS: tuple[str, ...] = ("loss",)
 # Keys a sweep may not vary: where things go and the sweep itself.
 _NOT_TUNABLE = frozenset({"ray", "serve", "tune", "output_dir", "export_dir", "dataset_dir"})
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# The trial function only drives its TorchTrainer; Tune needs it to ask for some resource.
+TRIAL_DRIVER_CPUS = 0.05
 
 
 def check_tune(config: RayftConfig) -> list[ConfigProblem]:
@@ -111,7 +113,7 @@ def run_sweep(config: RayftConfig, *, total_cpus: float, resume: bool) -> Path:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = config.tune
-    cpus_per_trial = total_cpus / settings.max_concurrent_trials
+    cpus_per_trial = total_cpus / settings.max_concurrent_trials - TRIAL_DRIVER_CPUS
     need = _cpus_needed(config, cpus_per_trial)
     if need > cpus_per_trial:
         raise ValueError(
@@ -121,7 +123,7 @@ def run_sweep(config: RayftConfig, *, total_cpus: float, resume: bool) -> Path:
         )
     base = config.model_dump(mode="json")
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, cpus_per_trial=cpus_per_trial), {"CPU": 0}
+        tune.with_parameters(_trial, base=base, cpus_per_trial=cpus_per_trial), {"CPU": TRIAL_DRIVER_CPUS}
     )
     storage = output_dir / "tune"
     name = "sweep"

@@ -55,9 +55,11 @@ class VLLMEngine:
         try:
             from vllm import AsyncEngineArgs, AsyncLLMEngine, SamplingParams
             from vllm.lora.request import LoRARequest
-        except ImportError as exc:
+        except Exception as exc:  # a broken install fails with more than ImportError
             raise EngineUnavailableError(
-                f"the vllm engine needs vLLM, which cannot be imported ({exc}): {VLLM_INSTALL_HINT}"
+                f"the vllm engine needs vLLM, which cannot be imported "
+                f"({type(exc).__name__}: {exc}): {VLLM_INSTALL_HINT}, with torch and "
+                "torchvision builds that match vLLM's"
             ) from exc
         from transformers import AutoConfig, AutoTokenizer
 
@@ -193,14 +195,18 @@ class VLLMEngine:
         )
 
     async def _final(self, request: GenerationRequest) -> list[ChatResult]:
-        last = None
+        # With n > 1 an output may carry only the samples that changed: keep each sample's
+        # latest state by its index.
+        latest: dict[int, Any] = {}
         async for output in self._outputs(request, uuid.uuid4().hex):
-            last = output
-        assert last is not None and last.finished, "vLLM ended a request without a final output"
-        return [self._result(request, last, i) for i in range(request.n)]
+            latest.update({completion.index: completion for completion in output.outputs})
+        assert sorted(latest) == list(range(request.n)), "vLLM did not return every sample"
+        return [self._completion(request, latest[i]) for i in range(request.n)]
 
     def _result(self, request: GenerationRequest, output: Any, index: int) -> ChatResult:
-        completion = output.outputs[index]
+        return self._completion(request, output.outputs[index])
+
+    def _completion(self, request: GenerationRequest, completion: Any) -> ChatResult:
         return ChatResult(
             text=completion.text,
             finish_reason="length" if completion.finish_reason == "length" else "stop",
