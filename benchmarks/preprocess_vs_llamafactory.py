@@ -71,6 +71,7 @@ class PeakMemory:
 
 
 def run_rayft(data_dir: Path, tokenizer: Path, work: Path, *, template: str, cutoff: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     config = work / "bench.yaml"
     config.write_text(
         "\n".join(
