@@ -99,6 +99,11 @@ def serve_args_from_config(config: RayftConfig, *, num_cpus_per_replica: float =
         if config.template
         else None
     )
+    optional = {
+        key: value
+        for key, value in config.serve.model_dump().items()
+        if key not in ("host", "port", "model_name") and value is not None
+    }
     return ServeArgs(
         model_path=config.model_name_or_path,
         adapter_path=config.adapter_name_or_path,
@@ -112,6 +117,7 @@ def serve_args_from_config(config: RayftConfig, *, num_cpus_per_replica: float =
         port=config.serve.port,
         num_cpus_per_replica=num_cpus_per_replica,
         trust_remote_code=config.trust_remote_code,
+        **optional,
     )
 
 

@@ -172,6 +172,14 @@ _SERVE_KEYS = {
     "model_path": "model_name_or_path",
     "adapter_path": "adapter_name_or_path",
     "model_name": "serve.model_name",
+    **{
+        key: f"serve.{key}"
+        for key in (
+            "engine", "num_replicas", "autoscaling", "max_ongoing_requests", "max_batch_size",
+            "batch_wait_timeout_s", "api_keys_file", "api_keys_env", "max_request_bytes",
+            "max_tokens_limit",
+        )
+    },
 }
 
 

@@ -85,6 +85,25 @@ class ServeSection(_Strict):
     host: str = Field("127.0.0.1", description="Interface the HTTP proxy binds to.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI API.")
     model_name: str | None = Field(None, description="Name in /v1/models; default: the dir name.")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="vllm on CUDA when installed, else transformers."
+    )
+    num_replicas: int | None = Field(None, ge=1, description="Fixed replica count.")
+    autoscaling: dict[str, float] | None = Field(
+        None, description="{min_replicas, max_replicas, target_ongoing_requests}; not with "
+        "num_replicas."
+    )
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Per replica; default 32.")
+    max_batch_size: int | None = Field(None, ge=1, description="Requests decoded together (8).")
+    batch_wait_timeout_s: float | None = Field(
+        None, ge=0.0, description="How long a batch waits to fill (0.02 s)."
+    )
+    api_keys_file: str | None = Field(None, description="File of API keys, one per line.")
+    api_keys_env: str | None = Field(
+        None, description="Name of an environment variable holding comma-separated API keys."
+    )
+    max_request_bytes: int | None = Field(None, ge=1, description="Larger bodies get 413 (1 MB).")
+    max_tokens_limit: int | None = Field(None, ge=1, description="Cap on a request's max_tokens.")
 
 
 Distribution = Literal["loguniform", "uniform", "choice", "grid", "randint"]

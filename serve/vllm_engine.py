@@ -32,6 +32,7 @@ from serve.engine import (
     PromptBuilder,
     RequestError,
     StreamDelta,
+    _tokenizer_source,
     stop_token_ids,
 )
 from serve.engines import VLLM_INSTALL_HINT, EngineUnavailableError
@@ -66,7 +67,7 @@ class VLLMEngine:
         self.args = args
         self._sampling_params = SamplingParams
         self.tokenizer = AutoTokenizer.from_pretrained(
-            args.adapter_path or args.model_path, trust_remote_code=args.trust_remote_code
+            _tokenizer_source(args), trust_remote_code=args.trust_remote_code
         )
         config = AutoConfig.from_pretrained(
             args.model_path, trust_remote_code=args.trust_remote_code
