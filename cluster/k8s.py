@@ -151,20 +151,77 @@ def check_config(config: RayftConfig, kind: str) -> list[ConfigProblem]:
             problems += _output_path_problems("output_dir", config.output_dir)
         if config.export_dir:
             problems += _output_path_problems("export_dir", config.export_dir)
-        storage = config.ray.storage_path
-        if storage is not None and "://" not in storage:
-            if not _under(storage, SHARED_MOUNT) or not storage.startswith("/"):
-                problems.append(
-                    ConfigProblem(
-                        "ray.storage_path",
-                        f"`{storage}` is not on the shared volume; use an absolute path under "
-                        f"{SHARED_MOUNT}, a URI such as s3://bucket/rayft, or leave it unset "
-                        "(<output_dir>/ray)",
-                    )
-                )
+        problems += _storage_problems(config)
+    if kind == "tune":
+        from jobs.tune import check_tune  # what `python -m jobs.tune` checks first
+
+        problems += check_tune(config)
     if kind == "service":
         problems += _serve_problems(config)
     return problems
+
+
+# Checkpoint storage every pod of a cluster reaches; any other URI scheme (file://, local://,
+# memory://) is node-local. NFS or another shared filesystem is mounted: give its absolute path
+# under SHARED_MOUNT (the PVC can be NFS-backed).
+SHARED_SCHEMES = frozenset({"s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "viewfs"})
+
+
+def storage_fix(config: RayftConfig) -> str:
+    """How to set `ray.storage_path` for a run on KubeRay, for error messages."""
+    run = posixpath.basename(str(config.output_dir or "run").rstrip("/")) or "run"
+    return (
+        f"set `ray.storage_path: {SHARED_MOUNT}/{run}/ray` (the shared volume, PVC {PVC_NAME}; "
+        "NFS-backed or not) or an object store URI such as s3://bucket/rayft or gs://bucket/rayft"
+    )
+
+
+def _storage_problems(config: RayftConfig) -> list[ConfigProblem]:
+    # On KubeRay a run always spans pods: the head (no CPUs, runs the driver) and one pod per
+    # Ray Train worker. Checkpoints must go where all of them read and write; a relative or
+    # pod-local path (the unset default `<output_dir>/ray` is relative) splits them per pod.
+    storage = config.ray.storage_path
+    workers = config.ray.num_workers
+    spread = (
+        f"ray.num_workers={workers} runs in {workers} worker pod(s) plus the head, "
+        "so checkpoints must be on storage every pod sees"
+    )
+    if storage is None:
+        return [ConfigProblem("ray.storage_path", f"is unset; {spread}: {storage_fix(config)}")]
+    scheme = storage.split("://", 1)[0].lower() if "://" in storage else None
+    if scheme in SHARED_SCHEMES:
+        return []
+    path = storage.split("://", 1)[1] if scheme == "file" else storage
+    if scheme in (None, "file") and path.startswith("/") and _under(path, SHARED_MOUNT):
+        return []
+    return [
+        ConfigProblem(
+            "ray.storage_path",
+            f"`{storage}` is node-local (not under the shared volume {SHARED_MOUNT}, nor "
+            f"s3:// or gs://); {spread}: {storage_fix(config)}",
+        )
+    ]
+
+
+def gpu_image_problems(config: RayftConfig, image: str) -> list[ConfigProblem]:
+    """A config that asks for GPUs must not run on a CPU image (no CUDA, no vLLM)."""
+    wanted = (config.ray.resources_per_worker or {}).get("GPU", 0)
+    if not (config.ray.use_gpu or wanted > 0):
+        return []
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    tag = last.split(":", 1)[1] if ":" in last else ""
+    if "cpu" not in tag.lower() and image != DEFAULT_IMAGES[False]:
+        return []
+    asks = "`ray.use_gpu: true`" if config.ray.use_gpu else f"resources_per_worker GPU={wanted}"
+    return [
+        ConfigProblem(
+            "--image",
+            f"`{image}` is a CPU image but the config asks for GPUs ({asks}); pass a GPU image, "
+            f"e.g. `--image {DEFAULT_IMAGES[True]}` (docker/Dockerfile.gpu), or set "
+            "`ray.use_gpu: false` and drop GPU from resources_per_worker",
+        )
+    ]
 
 
 # ServeArgs fields named differently in the config.
@@ -688,7 +745,8 @@ def render(
 
     Raises:
         ValueError: unknown kind, a bad namespace or image, or YAML that is not a mapping.
-        ConfigError: every reason the config would fail on the cluster.
+        ConfigError: every reason the config would fail on the cluster, a CPU image for a
+            config that asks for GPUs included.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind `{kind}` (known: {', '.join(sorted(KINDS))})")
@@ -705,7 +763,7 @@ def render(
         mapping = False
     if not mapping:
         raise ValueError("config_text is not a YAML mapping; pass the file the config came from")
-    problems = check_config(config, kind)
+    problems = check_config(config, kind) + gpu_image_problems(config, image)
     if problems:
         raise ConfigError(f"{kind} manifests", problems)
     return KINDS[kind](config, image, namespace, config_text)

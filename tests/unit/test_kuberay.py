@@ -21,6 +21,9 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import importlib
+import importlib.util
+import inspect
 import posixpath
 import re
 import shlex
@@ -815,6 +818,10 @@ dataset: alpaca_en_demo
 output_dir: saves/qwen-alpaca
 ray:
   num_workers: 2
+  storage_path: /home/ray/rayft/saves/qwen-alpaca/ray
+tune:
+  search_space:
+    learning_rate: {loguniform: [1.0e-5, 1.0e-3]}
 """
 GPU_CONFIG = """\
 model_name_or_path: saves/models/qwen2.5-7b   # on the shared volume
@@ -830,6 +837,9 @@ ray:
   use_gpu: true
   resources_per_worker: {CPU: 7, GPU: 1, memory: 64000000000}
   storage_path: s3://bucket/rayft
+tune:
+  search_space:
+    lora_rank: {choice: [8, 16]}
 """
 
 
@@ -1026,15 +1036,80 @@ def test_render_service_serves_the_config(tmp_path: Path) -> None:
     assert app["args"]["model_path"] == "Qwen/Qwen2.5-0.5B-Instruct"  # a hub id stays
 
 
-def test_entry_points_named_in_manifests_exist() -> None:
-    """What a RayService imports and the training RayJob runs is there, and the deployment
-    the serve config tunes is serve/app.py's (jobs.tune is rendered but not checked here)."""
+def _every_manifest_set(built: dict[str, list[Doc]], tmp_path: Path) -> dict[str, list[Doc]]:
+    """The kustomize builds and what `render` makes of both fixtures, for every kind."""
+    sets = {f"kuberay/{folder}": docs for folder, docs in built.items()}
+    for name, text in (("cpu", CPU_CONFIG), ("gpu", GPU_CONFIG)):
+        for kind in sorted(k8s.KINDS):
+            sets[f"render {name} {kind}"] = _render(tmp_path, text, kind)
+    return sets
+
+
+def _entry_module(entrypoint: str) -> str:
+    words = shlex.split(entrypoint)
+    assert "-m" in words, f"entrypoint `{entrypoint}` runs no module"
+    return words[words.index("-m") + 1]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
+def test_entry_points_named_in_manifests_exist(built: dict[str, list[Doc]], tmp_path: Path) -> None:
+    """What the schema cannot see: every RayJob's `python -m X` is a module of the project,
+    every RayService's import path imports and takes its args, and the deployment the serve
+    config tunes is serve/app.py's."""
+    seen_modules, seen_apps = set(), 0
+    for where, docs in _every_manifest_set(built, tmp_path).items():
+        for doc in docs:
+            if doc["kind"] == "RayJob":
+                module = _entry_module(doc["spec"]["entrypoint"])
+                assert importlib.util.find_spec(module) is not None, f"{where}: no module {module}"
+                origin = Path(importlib.util.find_spec(module).origin).resolve()
+                assert ROOT in origin.parents, f"{where}: {module} is not the project's"
+                seen_modules.add(module)
+            if doc["kind"] == "RayService":
+                for app in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
+                    module, _, attr = app["import_path"].partition(":")
+                    build_app = getattr(importlib.import_module(module), attr)
+                    args = ServeArgs.model_validate(app["args"])
+                    inspect.signature(build_app).bind(app["args"])
+                    # What Serve does with the import path: call it with the args dict.
+                    bound = build_app(app["args"])
+                    assert bound is not None, where
+                    assert args.api_keys_env == k8s.API_KEYS_ENV
+                    seen_apps += 1
+    assert seen_modules == {"jobs.train", "jobs.tune"}
+    assert seen_apps >= 3  # base, gpu overlay, rendered
     import serve
 
     assert serve._HOMES["build_app"] == "serve.app"
-    assert (ROOT / "jobs" / "train.py").is_file()
     app = (ROOT / "serve" / "app.py").read_text()
     assert re.search(rf"@serve\.deployment[^\n]*\n(@[^\n]*\n)*class {k8s.SERVE_DEPLOYMENT}\b", app)
+
+
+def test_every_config_map_holds_a_valid_rayft_config(
+    built: dict[str, list[Doc]], tmp_path: Path
+) -> None:
+    """The YAML in every ConfigMap passes rayft's schema (`configs.load_config`) and the k8s
+    checks for the workload that mounts it; the pods run the image the config asks for.
+
+    Schema level only: `jobs.preflight.load_run_config` also opens the model and the datasets,
+    which live in the image or on the shared volume, not in this checkout."""
+    maps = 0
+    for where, docs in _every_manifest_set(built, tmp_path).items():
+        for doc in docs:
+            if doc["kind"] == "ConfigMap":
+                load_config(None, base=yaml.safe_load(doc["data"][k8s.CONFIG_KEY]))
+                maps += 1
+            spec = cluster_of(doc)
+            if spec is None:
+                continue
+            config = _config_of(doc, docs)
+            kind = "cluster" if doc["kind"] == "RayCluster" else _kind_of(doc)
+            assert not k8s.check_config(config, kind), where
+            for group, body in _groups(spec):
+                image = body["template"]["spec"]["containers"][0]["image"]
+                problems = k8s.gpu_image_problems(config, image)
+                assert not problems, f"{where} {group}: {problems}"
+    assert maps >= 8
 
 
 def test_render_defaults_image_by_gpu_and_leaves_namespace_to_kubectl(tmp_path: Path) -> None:
@@ -1090,8 +1165,91 @@ def test_render_needs_output_dir_and_sane_resources(tmp_path: Path) -> None:
         "  num_workers: 2\n", "  num_workers: 2\n  resources_per_worker: {GPU: 1, TPU: 4}\n"
     )
     problems = _problems(tmp_path, text, "tune")
-    assert set(problems) == {"output_dir", "ray.resources_per_worker", "ray.use_gpu"}
+    # GPUs asked without use_gpu: the default image is the CPU one, refused too.
+    assert set(problems) == {"output_dir", "ray.resources_per_worker", "ray.use_gpu", "--image"}
     assert "TPU" in problems["ray.resources_per_worker"]
+    assert "resources_per_worker GPU=1" in problems["--image"]
+
+
+def test_render_tune_needs_what_jobs_tune_checks(tmp_path: Path) -> None:
+    """A sweep's RayJob fails at once without a `tune:` section: refused when rendering."""
+    no_tune = CPU_CONFIG[: CPU_CONFIG.index("tune:")]
+    assert set(_problems(tmp_path, no_tune, "tune")) == {"tune"}
+    assert _render(tmp_path, no_tune, "job")  # training ignores it
+    bad = CPU_CONFIG + "  metric: eval_loss\n"
+    assert "is never reported" in _problems(tmp_path, bad, "tune")["tune.metric"]
+
+
+@pytest.mark.parametrize("kind", ["job", "tune", "service"])
+@pytest.mark.parametrize(
+    "image",
+    ["rayft:cpu", "registry.example.com/ml/rayft:2.60.0-cpu", "reg:5000/rayft:CPU@sha256:ab"],
+)
+def test_render_refuses_gpus_on_a_cpu_image(tmp_path: Path, kind: str, image: str) -> None:
+    config = _config(tmp_path, GPU_CONFIG)
+    with pytest.raises(ConfigError) as caught:
+        k8s.render(config, kind=kind, image=image, config_text=GPU_CONFIG)
+    (problem,) = caught.value.problems
+    assert problem.key == "--image"
+    assert f"`{image}` is a CPU image" in problem.message
+    assert "ray.use_gpu: true" in problem.message and "--image rayft:gpu" in problem.message
+    # A GPU tag, a `cpu` elsewhere than the tag, or a CPU run on a CPU image are fine.
+    for ok in ("rayft:gpu", "registry/cpu-team/rayft:gpu", "rayft"):
+        assert k8s.render(config, kind=kind, image=ok, config_text=GPU_CONFIG)
+    assert _render(tmp_path, CPU_CONFIG, kind, image=image)
+
+
+UNSET_STORAGE = CPU_CONFIG.replace("  storage_path: /home/ray/rayft/saves/qwen-alpaca/ray\n", "")
+
+
+def _storage(storage: str | None) -> str:
+    line = "" if storage is None else f"  storage_path: {storage}\n"
+    return UNSET_STORAGE.replace("  num_workers: 2\n", f"  num_workers: 2\n{line}")
+
+
+@pytest.mark.parametrize("kind", ["job", "tune"])
+@pytest.mark.parametrize(
+    "storage",
+    [
+        None,
+        "/tmp/ray",
+        "checkpoints",
+        "saves/ray",
+        "~/ray",
+        "file:///tmp/ray",
+        "local:///ray",
+        "/home/ray/rayft/savesx",
+    ],
+)
+def test_render_refuses_checkpoints_pods_do_not_share(
+    tmp_path: Path, kind: str, storage: str | None
+) -> None:
+    text = _storage(storage)
+    problems = _problems(tmp_path, text, kind)
+    assert set(problems) == {"ray.storage_path"}
+    message = problems["ray.storage_path"]
+    assert ("is unset" if storage is None else "is node-local") in message
+    assert "ray.num_workers=2 runs in 2 worker pod(s) plus the head" in message
+    # The fix, ready to paste.
+    assert "set `ray.storage_path: /home/ray/rayft/saves/qwen-alpaca/ray`" in message
+    assert "s3://bucket/rayft" in message and "gs://" in message
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [
+        "s3://bucket/rayft",
+        "gs://bucket/rayft",
+        "/home/ray/rayft/saves/ray",
+        "file:///home/ray/rayft/saves/x/ray",
+        "/home/ray/rayft/saves",
+    ],
+)
+def test_render_accepts_shared_checkpoint_storage(tmp_path: Path, storage: str) -> None:
+    text = _storage(storage)
+    assert _render(tmp_path, text, "job")
+    # A service keeps no checkpoints: unset is fine there.
+    assert _render(tmp_path, UNSET_STORAGE, "service")
 
 
 def test_render_refuses_bad_arguments(tmp_path: Path) -> None:
@@ -1129,7 +1287,7 @@ def _args(config: Path, **kwargs: Any) -> Namespace:
     return Namespace(
         config=str(config),
         kind=kwargs.get("kind", "job"),
-        image=None,
+        image=kwargs.get("image"),
         namespace=kwargs.get("namespace"),
         output=kwargs.get("output"),
     )
@@ -1164,6 +1322,12 @@ def test_cli_reports_problems_and_exits_1(tmp_path: Path, capsys: pytest.Capture
     assert "service manifests: 1 problem(s)" in err and "model_name_or_path" in err
     assert k8s.run(_args(tmp_path / "missing.yaml")) == 1
     assert "no config file" in capsys.readouterr().err
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text(GPU_CONFIG.replace("  storage_path: s3://bucket/rayft\n", ""))
+    assert k8s.run(_args(gpu, image="reg/rayft:cpu")) == 1
+    err = capsys.readouterr().err
+    assert "`--image`: `reg/rayft:cpu` is a CPU image" in err
+    assert "`ray.storage_path`: is unset" in err and "s3://bucket/rayft" in err
 
 
 def test_add_parser_wires_one_subcommand(tmp_path: Path) -> None:
