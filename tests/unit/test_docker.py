@@ -165,7 +165,7 @@ def base_image_errors(image: str, *, gpu: bool) -> list[str]:
         return [f"`{image}` is not rayproject/ray"]
     match = BASE_TAG.match(tag)
     if not match:
-        return [f"tag `{tag}` is not <ray version>-py3XX[-cuXXX]"]
+        return [f"tag `{tag}` is not <ray version>-py3<minor>[-cu<cuda>]"]
     ray_pin, python_pin = _project()
     errors = []
     if not ray_pin.contains(match["ray"]) or match["ray"] != k8s.RAY_VERSION:
