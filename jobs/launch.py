@@ -1,7 +1,7 @@
 """Config → Ray Data pipeline → `TorchTrainer` → fit. The driver side of a training run.
 
 Example:
-    >>> from cluster.runtime import local_ray
+    >>> from jobs.runtime import local_ray
     >>> with local_ray() as cpus:
     ...     outcome = run_training(config, total_cpus=cpus)
 """
@@ -76,7 +76,7 @@ def run_training(
     print(f"[rayft] data: {data.report.summary()}", flush=True)
     data.report.write(output_dir)
 
-    rows_per_rank, micro, steps_per_epoch, total_steps = plan_steps(
+    _, micro, steps_per_epoch, total_steps = plan_steps(
         config, rows=data.report.kept, world_size=workers
     )
     print(
@@ -86,9 +86,7 @@ def run_training(
     )
     plan = LoopPlan(
         config=config.model_dump(mode="json"),
-        rows_per_rank=rows_per_rank,
         micro_per_epoch=micro,
-        steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         torch_threads=resources.torch_threads,
         resume_from=str(previous) if previous else None,

@@ -31,9 +31,7 @@ class LoopPlan:
     """Numbers the driver computes once and hands to every worker."""
 
     config: dict[str, Any]
-    rows_per_rank: int
     micro_per_epoch: int
-    steps_per_epoch: int
     total_steps: int
     torch_threads: int
     resume_from: str | None = None

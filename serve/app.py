@@ -434,7 +434,7 @@ def run_server(args: ServeArgs, *, blocking: bool) -> str:
     if not ray.is_initialized():
         raise RuntimeError(
             "run_server needs a Ray cluster: call ray.init(...) first (for a private local "
-            "cluster bound to 127.0.0.1, use cluster.runtime.local_ray())"
+            "cluster bound to 127.0.0.1, use jobs.runtime.local_ray())"
         )
     load_api_keys(args)  # a key misconfiguration fails here, not in every replica's restarts
     # Only the first start of Serve on a cluster sets the proxy's host and port; later calls

@@ -25,7 +25,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from cluster.runtime import local_ray
+from jobs.runtime import local_ray
 from serve import ServeArgs, TransformersEngine, run_server
 from serve.engine import ChatTemplateMissingError
 
