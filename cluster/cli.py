@@ -8,8 +8,11 @@
     rayft serve    CONFIG.yaml [key=value ...]   OpenAI API on Ray Serve (127.0.0.1 by default)
     rayft chat     CONFIG.yaml [key=value ...] [--prompt TEXT]
     rayft prepare-model [--cache-dir DIR]        write the bundled Gemma 3 270M as safetensors
+    rayft expand-model MODEL --num-expand N --output DIR   LLaMA Pro block expansion
     rayft demo                                   train, merge, serve and answer, end to end
     rayft k8s render CONFIG.yaml [--kind job|tune|service] [--image IMAGE] [--output DIR]
+    rayft submit   CONFIG.yaml [--address ADDR] [--no-wait] [key=value ...]   run as a Ray job
+    rayft jobs list | logs ID [--follow] | stop ID [--address ADDR]
 
 Overrides use LLaMA-Factory's `key=value` form (dotted for sections: `ray.num_workers=2`).
 Every config problem is reported before Ray starts.
@@ -22,7 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster import k8s
+from cluster import jobs_cmd, k8s, submit
 from configs import ConfigError, RayftConfig
 
 DEFAULT_CACHE = Path(".cache/models")
@@ -84,8 +87,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# LLaMA-Factory's serving keys -> (the `serve:` field they set, how their value maps).
+LF_SERVE_KEYS: dict[str, str] = {
+    "infer_backend": "engine",
+    "vllm_maxlen": "max_model_len",
+    "vllm_gpu_util": "gpu_memory_utilization",
+    "vllm_enforce_eager": "enforce_eager",
+}
+_LF_BACKENDS = {"huggingface": "transformers", "vllm": "vllm"}
+
+
 def serve_args_from_config(config: RayftConfig, *, num_cpus_per_replica: float = 1.0):  # noqa: ANN201
-    """The serving settings a config implies: model, adapter, template, sampling, address."""
+    """The serving settings a config implies: model, adapters, template, sampling, address.
+
+    LLaMA-Factory's ``infer_backend`` (huggingface → transformers, vllm), ``vllm_maxlen``,
+    ``vllm_gpu_util`` and ``vllm_enforce_eager`` map onto the engine settings; a value that
+    contradicts the ``serve:`` section is an error naming both keys.
+
+    Raises:
+        ConfigError: an LF key contradicts its ``serve:`` counterpart.
+    """
+    from configs import ConfigProblem
     from data_pipelines.templates import configure_template, get_template
     from serve import ServeArgs
 
@@ -104,11 +126,33 @@ def serve_args_from_config(config: RayftConfig, *, num_cpus_per_replica: float =
         for key, value in config.serve.model_dump().items()
         if key not in ("host", "port", "model_name") and value is not None
     }
+    from_lf = {
+        "engine": _LF_BACKENDS[config.infer_backend] if config.infer_backend else None,
+        "max_model_len": config.vllm_maxlen,
+        "gpu_memory_utilization": config.vllm_gpu_util,
+        "enforce_eager": config.vllm_enforce_eager or None,
+    }
+    problems = []
+    for lf_key, field in LF_SERVE_KEYS.items():
+        value = from_lf[field]
+        if value is None:
+            continue
+        given = optional.get(field)
+        if given is not None and given != value and not (field == "engine" and given == "auto"):
+            problems.append(
+                ConfigProblem(
+                    lf_key, f"contradicts `serve.{field}: {given}`; give only one of them"
+                )
+            )
+        optional[field] = value
+    if problems:
+        raise ConfigError("serving keys", problems)
     return ServeArgs(
         model_path=config.model_name_or_path,
         adapter_path=config.adapter_name_or_path,
         model_name=config.serve.model_name or "",
         chat_template=template.to_jinja() if template else None,
+        tool_format=template.tools.name if template else None,
         stop_words=list(template.stop_words) if template else [],
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
@@ -139,14 +183,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """Talk to the model in this process (no Ray needed)."""
+    """Talk to the model in this process (no Ray needed), streaming each answer as it grows."""
     from jobs.preflight import load_infer_config
-    from serve import TransformersEngine
+    from serve import load_engine
 
     config = load_infer_config(args.config, args.overrides)
-    engine = TransformersEngine(serve_args_from_config(config))
+    engine = load_engine(serve_args_from_config(config))
     if args.prompt is not None:
-        print(engine.chat([{"role": "user", "content": args.prompt}]).text)
+        _stream_answer(engine, [{"role": "user", "content": args.prompt}], prefix="")
         return 0
     history: list[dict[str, str]] = []
     print("rayft chat: type a message; `clear` forgets the conversation, `exit` quits.")
@@ -161,10 +205,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line == "clear":
             history = []
             continue
+        if not line:
+            continue
         history.append({"role": "user", "content": line})
-        answer = engine.chat(history).text
+        answer = _stream_answer(engine, history, prefix="Assistant: ")
         history.append({"role": "assistant", "content": answer})
-        print(f"Assistant: {answer}")
+
+
+def _stream_answer(engine: object, history: list[dict[str, str]], *, prefix: str) -> str:
+    """Print the answer to `history` token by token (as the engine yields it); return it."""
+    print(prefix, end="", flush=True)
+    pieces = []
+    for step in engine.stream(engine.prepare_chat(history)):  # type: ignore[attr-defined]
+        print(step.text, end="", flush=True)
+        pieces.append(step.text)
+    print(flush=True)
+    return "".join(pieces)
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
@@ -180,6 +236,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cluster.demo import run_demo
 
     run_demo(cache_dir=args.cache_dir, workdir=args.workdir)
+    return 0
+
+
+def cmd_expand_model(args: argparse.Namespace) -> int:
+    """Write a LLaMA Pro expanded copy of a model (then train it with `use_llama_pro`)."""
+    from jobs.llama_pro import expand_model
+
+    out = expand_model(args.model, args.output, num_expand=args.num_expand)
+    print(
+        f"wrote {out}; train it with finetuning_type: freeze, use_llama_pro: true, "
+        f"freeze_trainable_layers: {args.num_expand}"
+    )
     return 0
 
 
@@ -210,11 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = sub.add_parser("prepare-model", help="convert the bundled Gemma 3 270M once")
     prepare.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     prepare.set_defaults(handler=cmd_prepare_model)
+    expand = sub.add_parser("expand-model", help="LLaMA Pro: insert identity blocks to train")
+    expand.add_argument("model", help="model directory or hub id")
+    expand.add_argument("--num-expand", type=int, required=True, help="blocks to insert")
+    expand.add_argument("--output", type=Path, required=True, help="where the model goes")
+    expand.set_defaults(handler=cmd_expand_model)
     demo = sub.add_parser("demo", help="train, merge, serve and answer on the bundled model")
     demo.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     demo.add_argument("--workdir", type=Path, default=Path("saves/demo"))
     demo.set_defaults(handler=cmd_demo)
     k8s.add_parser(sub)
+    submit.add_parser(sub)
+    jobs_cmd.add_parser(sub)
     return parser
 
 

@@ -22,17 +22,14 @@ from configs.schema import RayftConfig
 # YAML from being half-applied without notice.
 UNSUPPORTED_KEYS: frozenset[str] = frozenset(
     """
-    pref_loss pref_beta pref_ftx dpo_label_smoothing simpo_gamma kto_chosen_weight
-    kto_rejected_weight ref_model ref_model_adapters reward_model reward_model_type ppo_epochs
-    ppo_target ppo_score_norm ppo_buffer_size fsdp quantization_bit quantization_method
-    double_quantization packing neat_packing streaming buffer_size val_size eval_dataset do_eval
-    do_predict eval_steps eval_strategy per_device_eval_batch_size  mix_strategy
-    interleave_probs freeze_trainable_layers freeze_trainable_modules additional_target
-    use_dora use_rslora pissa_init loraplus_lr_ratio use_galore use_badam use_apollo
-    flash_attn shift_attn rope_scaling use_unsloth enable_liger_kernel resume_from_checkpoint
-    infer_backend vllm_maxlen vllm_gpu_util vllm_enforce_eager image_max_pixels
+    fsdp
+    neat_packing streaming buffer_size   do_eval
+    do_predict     mix_strategy
+    interleave_probs
+    shift_attn use_unsloth enable_liger_kernel resume_from_checkpoint
+    image_max_pixels
     video_max_pixels media_dir ray_run_name ray_storage_filesystem
-    ray_init_kwargs placement_strategy optim
+    ray_init_kwargs optim
     """.split()
 )
 
@@ -42,6 +39,7 @@ ALIASES: dict[str, tuple[str, str]] = {
     "ray_storage_path": ("ray", "storage_path"),
     "resources_per_worker": ("ray", "resources_per_worker"),
     "deepspeed": ("ray", "deepspeed_config"),
+    "placement_strategy": ("ray", "placement_strategy"),
 }
 
 

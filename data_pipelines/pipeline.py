@@ -28,20 +28,23 @@ from data_pipelines.cache import (
     publish,
     staging_dir,
 )
-from data_pipelines.converters import ANSWER_ROLES, BadRow, convert_row
+from data_pipelines.converters import BadRow, Conversation, convert_row
 from data_pipelines.dataset_info import DatasetError, DatasetSpec, RowFormat, resolve_dataset
+from data_pipelines.families import (
+    ROWS_COLUMN,
+    SKIP_COLUMN,
+    EncodeOptions,
+    check_row_kinds,
+    get_family,
+)
 from data_pipelines.readers import read_dataset, unwrap_read_error
-from data_pipelines.supervised import SupervisedOptions, encode_supervised
+from data_pipelines.supervised import SupervisedOptions
 from data_pipelines.templates import (
-    BadMessage,
     Template,
     configure_template,
     prepare_tokenizer,
     resolve_template,
 )
-
-SKIP_COLUMN = "skip_reason"
-TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
 class TooManyBadRows(ValueError):
@@ -55,20 +58,32 @@ class DataReport:
     total: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    examples: int | None = None
+
+    @property
+    def training_examples(self) -> int:
+        """Records training reads: the kept rows, or the blocks they were packed into."""
+        return self.kept if self.examples is None else self.examples
 
     def summary(self) -> str:
         """One line for the terminal."""
         reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common())
-        return f"{self.kept}/{self.total} rows kept" + (f"; skipped {reasons}" if reasons else "")
+        packed = "" if self.examples is None else f" (packed into {self.examples} blocks)"
+        line = f"{self.kept}/{self.total} rows kept{packed}"
+        return line + (f"; skipped {reasons}" if reasons else "")
 
     def as_dict(self) -> dict[str, Any]:
         """The counts as JSON-ready data."""
-        return {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+        data = {"total": self.total, "kept": self.kept, "skipped": dict(self.skipped)}
+        return data | ({} if self.examples is None else {"examples": self.examples})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataReport:
         """Inverse of `as_dict`."""
-        return cls(total=data["total"], kept=data["kept"], skipped=Counter(data["skipped"]))
+        return cls(
+            total=data["total"], kept=data["kept"], skipped=Counter(data["skipped"]),
+            examples=data.get("examples"),
+        )
 
     def write(self, output_dir: str | Path) -> Path:
         """Write the counts to `output_dir/data_report.json`."""
@@ -96,7 +111,15 @@ class TokenizeSpec:
 
     template: TemplateSpec
     row_format: RowFormat
-    options: SupervisedOptions
+    options: SupervisedOptions | EncodeOptions
+    family: str = "supervised"
+
+    @property
+    def encode_options(self) -> EncodeOptions:
+        """The options as every family reads them."""
+        if isinstance(self.options, EncodeOptions):
+            return self.options
+        return EncodeOptions(supervised=self.options, template_name=self.template.template)
 
 
 @functools.lru_cache(maxsize=4)
@@ -136,40 +159,27 @@ def template_spec(config: Any) -> TemplateSpec:
 
 
 def tokenize_rows(rows: list[dict[str, Any]], spec: TokenizeSpec) -> dict[str, list]:
-    """Convert and tokenize rows; a bad row yields empty ids and its reason."""
+    """Convert and tokenize rows with the spec's family; a bad row yields empty ids and its
+    reason (see `data_pipelines.families`)."""
     tokenizer, template = load_prepared_tokenizer(spec.template)
-    out: dict[str, list] = {name: [] for name in (*TOKEN_COLUMNS, SKIP_COLUMN)}
+    items: list[Conversation | str] = []
     for row in rows:
         try:
-            conversation = convert_row(row, spec.row_format)
-            if conversation.messages[-1]["role"] not in ANSWER_ROLES:
-                raise BadRow("no answer to learn (prompt-only row)")
-            input_ids, labels = encode_supervised(
-                tokenizer,
-                template,
-                conversation.messages,
-                conversation.system,
-                spec.options,
-                tools=conversation.tools,
-            )
-            if all(label == -100 for label in labels):
-                raise BadRow("no answer tokens left after truncation")
-            reason = ""
-        except (BadRow, BadMessage) as bad:
-            input_ids, labels, reason = [], [], str(bad)
-        out["input_ids"].append(input_ids)
-        out["attention_mask"].append([1] * len(input_ids))
-        out["labels"].append(labels)
-        out[SKIP_COLUMN].append(reason)
-    return out
+            items.append(convert_row(row, spec.row_format))
+        except BadRow as bad:
+            items.append(str(bad))
+    return get_family(spec.family).encode(items, tokenizer, template, spec.encode_options)
 
 
 def _tokenize_batch(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
+    family = get_family(spec.family)
     columns = tokenize_rows(batch.to_pylist(), spec)
     return pa.table(
         {
-            **{name: pa.array(columns[name], type=pa.list_(pa.int32())) for name in TOKEN_COLUMNS},
+            **{name: pa.array(columns[name], type=pa.list_(pa.int32())) for name in family.id_columns},
+            **{name: pa.array(columns[name], type=pa.bool_()) for name in family.flag_columns},
             SKIP_COLUMN: pa.array(columns[SKIP_COLUMN], type=pa.string()),
+            ROWS_COLUMN: pa.array(columns[ROWS_COLUMN], type=pa.int32()),
         }
     )
 
@@ -183,7 +193,12 @@ class PreparedData:
 
 
 def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
-    """The tokenized SFT dataset for a validated config, tokenized at most once.
+    """The tokenized SFT dataset for a validated config (see `prepare_dataset`)."""
+    return prepare_dataset(config, family="supervised", cpus_per_task=cpus_per_task)
+
+
+def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> PreparedData:
+    """The tokenized dataset of a data family for a validated config, tokenized at most once.
 
     `tokenized_path`, when it holds a tokenized dataset, is used as it is. Otherwise the
     content-addressed cache under `tokenized_cache_dir` is used when it has this exact input
@@ -192,26 +207,22 @@ def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
 
     Args:
         config: a `RayftConfig`.
+        family: the data family the stage reads (`data_pipelines.families`).
         cpus_per_task: CPUs each Ray Data task asks for (fractional on small machines).
 
     Returns:
         The clean rows (streamed from parquet) and the row report.
 
     Raises:
-        DatasetError: a dataset cannot be read as declared.
+        DatasetError: a dataset cannot be read as declared, or holds rows of the wrong kind.
         TooManyBadRows: skipped rows exceed `max_bad_fraction`.
     """
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     specs = [resolve_dataset(name, config.dataset_dir) for name in config.dataset_names]
-    for spec in specs:
-        if spec.row_format.kind != "plain":
-            raise DatasetError(
-                f"dataset `{spec.name}` holds {spec.row_format.kind} rows; stage "
-                f"`{config.stage}` reads plain conversations"
-            )
-    target = tokenized_location(config, specs)
+    check_row_kinds(specs, get_family(family), config.stage)
+    target = tokenized_location(config, specs, family=family)
     if is_complete(target) and (config.tokenized_path or not config.overwrite_cache):
         print(f"[rayft] reusing the tokenized dataset in {target}", flush=True)
         return _load(target, cpus_per_task=cpus_per_task)
@@ -220,12 +231,12 @@ def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
     # narrow reason column alone.
     staging = staging_dir(target)
     try:
-        _tokenize(config, specs, cpus_per_task=cpus_per_task).write_parquet(
+        _tokenize(config, specs, family=family, cpus_per_task=cpus_per_task).write_parquet(
             str(staging / DATA_SUBDIR), ray_remote_args={"num_cpus": cpus_per_task}
         )
     except DatasetError as err:  # a bad file line, raised inside a Ray read task
         raise unwrap_read_error(err) from None
-    report = _count_reasons(staging / DATA_SUBDIR)
+    report = _count_reasons(staging / DATA_SUBDIR, packed=packing_enabled(config))
     if report.total and (report.total - report.kept) / report.total > config.max_bad_fraction:
         raise TooManyBadRows(
             f"{report.summary()}: more than max_bad_fraction={config.max_bad_fraction} of the rows "
@@ -236,17 +247,37 @@ def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
     return _load(target, cpus_per_task=cpus_per_task)
 
 
-def _count_reasons(folder: Path) -> DataReport:
-    """Rows kept and skipped per reason, read from the reason column only."""
+def packing_enabled(config: Any) -> bool:
+    """LLaMA-Factory's rule: `packing` when set, else on for `pt` only."""
+    return config.packing if config.packing is not None else config.stage == "pt"
+
+
+def block_size(config: Any) -> int:
+    """Packed block length: LF shortens `cutoff_len` by one when `packing` is set explicitly."""
+    return config.cutoff_len - 1 if config.packing else config.cutoff_len
+
+
+def _count_reasons(folder: Path, *, packed: bool) -> DataReport:
+    """Source rows kept and skipped per reason, from the two narrow bookkeeping columns."""
     import pyarrow.dataset as pads
 
     counts: Counter = Counter()
-    for batch in pads.dataset(str(folder), format="parquet").to_batches(columns=[SKIP_COLUMN]):
-        counts.update(batch.column(SKIP_COLUMN).to_pylist())
-    return DataReport(total=sum(counts.values()), kept=counts.pop("", 0), skipped=counts)
+    records = 0
+    for batch in pads.dataset(str(folder), format="parquet").to_batches(
+        columns=[SKIP_COLUMN, ROWS_COLUMN]
+    ):
+        reasons = batch.column(SKIP_COLUMN).to_pylist()
+        for reason, rows in zip(reasons, batch.column(ROWS_COLUMN).to_pylist(), strict=True):
+            counts[reason] += rows
+            records += reason == ""
+    kept = counts.pop("", 0)
+    return DataReport(
+        total=kept + sum(counts.values()), kept=kept, skipped=counts,
+        examples=records if packed else None,
+    )
 
 
-def tokenized_location(config: Any, specs: list[DatasetSpec]) -> Path:
+def tokenized_location(config: Any, specs: list[DatasetSpec], *, family: str) -> Path:
     """`tokenized_path` if set, else the content-addressed cache entry for this input."""
     if config.tokenized_path:
         return Path(config.tokenized_path).expanduser().resolve()
@@ -256,6 +287,9 @@ def tokenized_location(config: Any, specs: list[DatasetSpec]) -> Path:
         tokenizer=config.model_name_or_path,
         options={
             "stage": config.stage,
+            "family": family,
+            "packing": packing_enabled(config),
+            "block_size": block_size(config),
             "template": config.template,
             "default_system": config.default_system,
             "tool_format": config.tool_format,
@@ -274,18 +308,34 @@ def _load(folder: Path, *, cpus_per_task: float) -> PreparedData:
 
     report = DataReport.from_dict(json.loads((folder / REPORT_FILE).read_text()))
     dataset = ray.data.read_parquet(str(folder / DATA_SUBDIR), num_cpus=cpus_per_task)
-    if SKIP_COLUMN in dataset.schema().names:
-        dataset = dataset.filter(expr=f"{SKIP_COLUMN} == ''").drop_columns([SKIP_COLUMN])
+    names = dataset.schema().names
+    if SKIP_COLUMN in names:
+        dataset = dataset.filter(expr=f"{SKIP_COLUMN} == ''")
+    bookkeeping = [name for name in (SKIP_COLUMN, ROWS_COLUMN) if name in names]
+    if bookkeeping:
+        dataset = dataset.drop_columns(bookkeeping)
     return PreparedData(dataset=dataset, report=report)
 
 
-def _tokenize(config: Any, specs: list[DatasetSpec], *, cpus_per_task: float) -> Any:
-    """The lazy Ray Data plan: read → limit → convert + template + tokenize, per dataset."""
-    options = SupervisedOptions(
-        cutoff_len=config.cutoff_len,
-        train_on_prompt=config.train_on_prompt,
-        mask_history=config.mask_history,
+def encode_options(config: Any) -> EncodeOptions:
+    """The tokenization options of a config."""
+    packed = packing_enabled(config)
+    return EncodeOptions(
+        supervised=SupervisedOptions(
+            cutoff_len=block_size(config) if packed else config.cutoff_len,
+            train_on_prompt=config.train_on_prompt,
+            mask_history=config.mask_history,
+        ),
+        packing=packed,
+        template_name=config.template,
     )
+
+
+def _tokenize(
+    config: Any, specs: list[DatasetSpec], *, family: str, cpus_per_task: float
+) -> Any:
+    """The lazy Ray Data plan: read → limit → convert + template + tokenize, per dataset."""
+    options = encode_options(config)
     parts = []
     for spec in specs:
         ds = read_dataset(spec, cpus_per_task=cpus_per_task)
@@ -293,16 +343,15 @@ def _tokenize(config: Any, specs: list[DatasetSpec], *, cpus_per_task: float) ->
         if limit:
             ds = ds.limit(limit)
         task = TokenizeSpec(
-            template=template_spec(config),
-            row_format=spec.row_format,
-            options=options,
+            template=template_spec(config), row_format=spec.row_format, options=options,
+            family=family,
         )
         parts.append(
             ds.map_batches(
                 _tokenize_batch,
                 fn_kwargs={"spec": task},
                 batch_format="pyarrow",
-                batch_size=256,
+                batch_size=get_family(family).batch_size,
                 num_cpus=cpus_per_task,
                 concurrency=config.preprocessing_num_workers,
             )

@@ -544,6 +544,37 @@ class Template:
                 self._add_empty_thought(tokenizer, encoded, i, messages[i + 1]["content"])
         return [(encoded[i], encoded[i + 1]) for i in range(0, len(encoded) - 1, 2)]
 
+    def encode_oneturn(
+        self,
+        tokenizer: Any,
+        messages: Sequence[Message],
+        system: str | None = None,
+        tools: str | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids): everything before the last message, and the last message.
+
+        What the pairwise, feedback and prompt-only families train on (LF's `encode_oneturn`).
+        Reasoning templates remove history thoughts (unless `preserve_thinking`), the last
+        answer's thought when thinking is off, and give a thought-less answer an empty thought:
+        learned with thinking on, in the prompt otherwise.
+        """
+        messages = [dict(m) for m in messages]
+        if self.reasoning is not None:
+            if not self.reasoning.preserve_thinking:
+                for i in range(1, len(messages) - 2, 2):
+                    messages[i]["content"] = self.remove_thought(messages[i]["content"])
+            if self.reasoning.enable_thinking is False:
+                messages[-1]["content"] = self.remove_thought(messages[-1]["content"])
+        encoded = self._encode_messages(tokenizer, messages, system, tools)
+        prompt = [i for part in encoded[:-1] for i in part]
+        answer = encoded[-1]
+        if self.reasoning is not None and not self.has_thought(messages[-1]["content"]):
+            if self.reasoning.enable_thinking:
+                answer = self._empty_thought_ids(tokenizer) + answer
+            else:
+                prompt = prompt + self._empty_thought_ids(tokenizer)
+        return prompt, answer
+
     def encode_prompt(
         self,
         tokenizer: Any,

@@ -22,25 +22,19 @@ from jobs.model import load_base_model, load_tokenizer
 def export_merged(config: RayftConfig) -> Path:
     """Merge `adapter_name_or_path` (default: `output_dir`) into the base; write `export_dir`.
 
-    Raises:
-        ValueError: when `export_dir` is unset or no adapter is found.
-    """
-    from peft import PeftModel
+    A full or freeze run's `output_dir` already holds a whole model; it is re-written with the
+    template's chat_template and stop tokens (nothing to merge).
 
+    Raises:
+        ValueError: when `export_dir` is unset, or no adapter or model is found.
+    """
     if not config.export_dir:
         raise ValueError("`export_dir` is required for export; e.g. `export_dir: saves/merged`")
     source = config.adapter_name_or_path or config.output_dir
     if not source:
         raise ValueError("export needs `adapter_name_or_path` or the training `output_dir`")
-    adapter = Path(source).expanduser()
-    if not (adapter / "adapter_config.json").is_file():
-        raise ValueError(
-            f"no PEFT adapter at {adapter.resolve()} (adapter_config.json missing); train first "
-            "or set `adapter_name_or_path`"
-        )
     base_config = config.model_copy(update={"adapter_name_or_path": None})
-    model = load_base_model(base_config, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged = _trained_model(base_config, Path(source).expanduser())
     tokenizer = load_tokenizer(base_config)
     if config.template is not None:  # else the tokenizer keeps its own chat_template
         tokenizer.chat_template = configured_template(template_spec(config), tokenizer).to_jinja()
@@ -52,6 +46,32 @@ def export_merged(config: RayftConfig) -> Path:
     tokenizer.save_pretrained(target)
     write_resolved(config, target)
     return target
+
+
+def _trained_model(base_config: RayftConfig, source: Path) -> object:
+    """The base with the adapter at `source` merged in, or the whole model saved there."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_config = source / "adapter_config.json"
+    if adapter_config.is_file():
+        if json.loads(adapter_config.read_text()).get("task_type") == "SEQ_CLS":
+            raise ValueError(
+                f"{source} is a reward-model adapter (stage rm); load it with "
+                "AutoModelForSequenceClassification + PeftModel instead of exporting a chat model"
+            )
+        model = load_base_model(base_config, dtype=torch.float32)
+        return PeftModel.from_pretrained(model, str(source)).merge_and_unload()
+    if (source / "config.json").is_file() and any(source.glob("model*.safetensors")):
+        return AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, trust_remote_code=base_config.trust_remote_code
+        )
+    raise ValueError(
+        f"no PEFT adapter or model at {source.resolve()} (adapter_config.json or config.json "
+        "missing); train first or set `adapter_name_or_path`"
+    )
 
 
 def _stop_ids(tokenizer: object, config: RayftConfig) -> list[int]:

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from configs import RayftConfig, write_resolved
-from jobs.loop import LoopPlan, plan_steps, train_loop_per_worker
+from jobs.checkpoints import latest_complete
+from jobs.loop import FaultInjection, LoopPlan, plan_steps, train_loop_per_worker
+from jobs.placement import check_cluster_fits
 from jobs.registry import get_stage
 from jobs.resources import plan_resources
 from jobs.strategies import load_deepspeed_config
@@ -34,7 +36,8 @@ class TrainingOutcome:
 
 
 def run_training(
-    config: RayftConfig, *, total_cpus: float, callbacks: Sequence[Any] = ()
+    config: RayftConfig, *, total_cpus: float, callbacks: Sequence[Any] = (),
+    fault: FaultInjection | None = None,
 ) -> TrainingOutcome:
     """Tokenize with Ray Data, train with Ray Train, write LLaMA-Factory-style outputs.
 
@@ -43,11 +46,12 @@ def run_training(
             made absolute so that workers, whose cwd is not the driver's, write to the same place.
         total_cpus: CPUs of the Ray cluster, to size fractional requests.
         callbacks: Ray Train callbacks (a sweep passes Tune's `TuneReportCallback`).
+        fault: kill one worker once at a chosen step (fault-tolerance tests; never from YAML).
 
     Returns:
         Paths, steps and the last loss.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = with_absolute_paths(config)
@@ -63,7 +67,10 @@ def run_training(
     output_dir.mkdir(parents=True, exist_ok=True)
     write_resolved(config, output_dir)
     storage = config.ray.storage_path or str(output_dir / "ray")
-    previous = latest_checkpoint(Path(storage) / _run_name(output_dir))
+    run_dir = _local_run_dir(storage, output_dir)
+    if config.overwrite_output_dir and run_dir:
+        shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints kept outside output_dir too
+    previous = latest_checkpoint(Path(run_dir)) if run_dir else None
     if previous is None:
         (output_dir / "trainer_log.jsonl").unlink(missing_ok=True)
     else:
@@ -71,17 +78,25 @@ def run_training(
 
     workers = config.ray.num_workers
     resources = plan_resources(total_cpus, num_workers=workers)
+    # Before any data work: a run the cluster cannot hold fails here, not as a silent hang.
+    check_cluster_fits(config, cpus_per_worker=resources.cpus_per_worker)
     stage = get_stage(config.stage)
     data = stage.prepare_data(config, resources.cpus_per_data_task)
     print(f"[rayft] data: {data.report.summary()}", flush=True)
     data.report.write(output_dir)
+    datasets, rows = evaluation_datasets(config, stage, data, resources.cpus_per_data_task)
 
     _, micro, steps_per_epoch, total_steps = plan_steps(
-        config, rows=data.report.kept, world_size=workers
+        config, rows=rows["train"], world_size=workers
     )
+    if "eval" in rows and rows["eval"] < workers:
+        raise ValueError(
+            f"{rows['eval']} evaluation rows cannot feed {workers} workers (each rank evaluates "
+            "its own share); raise val_size or add eval data"
+        )
     print(
-        f"[rayft] {data.report.kept} rows, {workers} worker(s) ({config.ray.effective_strategy}), "
-        f"{steps_per_epoch} step(s)/epoch, {total_steps} step(s) in total",
+        f"[rayft] {data.report.training_examples} examples, {workers} worker(s) "
+        f"({config.ray.effective_strategy}), {steps_per_epoch} step(s)/epoch, {total_steps} step(s) in total",
         flush=True,
     )
     plan = LoopPlan(
@@ -91,14 +106,18 @@ def run_training(
         torch_threads=resources.torch_threads,
         resume_from=str(previous) if previous else None,
         deepspeed_config=deepspeed_config,
+        eval_rows=rows.get("eval", 0),
+        fault=dataclasses.asdict(fault) if fault else None,
+        run_dir=run_dir,
     )
     per_worker = config.ray.resources_per_worker or {"CPU": resources.cpus_per_worker}
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        stage.train_loop or train_loop_per_worker,
         train_loop_config=dataclasses.asdict(plan),
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=config.ray.use_gpu, resources_per_worker=per_worker
+            num_workers=workers, use_gpu=config.ray.use_gpu, resources_per_worker=per_worker,
+            placement_strategy=config.ray.placement_strategy,
         ),
         run_config=RunConfig(
             callbacks=list(callbacks),
@@ -107,7 +126,8 @@ def run_training(
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.save_total_limit),
         ),
-        datasets={"train": data.dataset},
+        datasets=datasets,
+        dataset_config=_ordered_ingest(DataConfig),
     )
     result = trainer.fit()
     if config.plot_loss:
@@ -119,6 +139,54 @@ def run_training(
         final_loss=results.get("final_loss"),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
     )
+
+
+def _ordered_ingest(data_config: Any) -> Any:
+    """Shards whose block order is the same in every attempt: a resumed worker skips exactly
+    the micro-batches it trained before the checkpoint, so the resumed loss curve equals the
+    uninterrupted one."""
+    options = data_config.default_ingest_options()
+    options.preserve_order = True
+    return data_config(execution_options=options, enable_shard_locality=False)
+
+
+def evaluation_datasets(
+    config: RayftConfig, stage: Any, data: Any, cpus_per_task: float
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The Ray datasets of a run ("train", and "eval" when evaluating) and their row counts.
+
+    `eval_dataset` is tokenized like the training data (and cached the same way); `val_size`
+    holds rows out of the training data by content hash (`data_pipelines.splits`).
+    """
+    from data_pipelines.families import get_family
+    from data_pipelines.splits import held_out_share, split_validation
+
+    rows = {"train": data.report.training_examples}
+    if config.eval_dataset:
+        held_out = stage.prepare_data(
+            config.model_copy(update={"dataset": config.eval_dataset}), cpus_per_task
+        )
+        print(f"[rayft] eval data: {held_out.report.summary()}", flush=True)
+        rows["eval"] = held_out.report.training_examples
+        return {"train": data.dataset, "eval": held_out.dataset}, rows
+    if config.val_size <= 0:
+        return {"train": data.dataset}, rows
+    share = held_out_share(config.val_size, rows["train"])
+    id_column = get_family(stage.family).id_columns[0]
+    train, held_out = split_validation(
+        data.dataset, id_column=id_column, share=share, seed=config.seed,
+        cpus_per_task=cpus_per_task,
+    )
+    # Two streaming counting passes (the split is a pure function of each row); nothing is
+    # held in memory, and training streams the same lazy plans again.
+    rows = {"train": train.count(), "eval": held_out.count()}
+    if rows["eval"] == 0 or rows["train"] == 0:
+        raise ValueError(
+            f"val_size={config.val_size} split {sum(rows.values())} rows into {rows['train']} "
+            f"for training and {rows['eval']} for evaluation; change val_size"
+        )
+    print(f"[rayft] val_size={config.val_size}: {rows['train']} train / {rows['eval']} eval rows")
+    return {"train": train, "eval": held_out}, rows
 
 
 def with_absolute_paths(config: RayftConfig) -> RayftConfig:
@@ -134,18 +202,19 @@ def with_absolute_paths(config: RayftConfig) -> RayftConfig:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step of an earlier run in `run_dir`, if any.
+    """The complete checkpoint with the highest step of an earlier run in `run_dir`, if any.
 
     As in LLaMA-Factory, a run into an `output_dir` that holds checkpoints continues from the
-    last one unless `overwrite_output_dir` is set.
+    last one unless `overwrite_output_dir` is set; a half-written one is never used.
     """
-    steps = {
-        int(match.group(1)): path
-        for path in run_dir.glob("checkpoint-*")
-        if (match := re.fullmatch(r"checkpoint-(\d+)", path.name))
-        and (path / "trainer_state.json").is_file()
-    }
-    return steps[max(steps)] if steps else None
+    return latest_complete(run_dir)
+
+
+def _local_run_dir(storage: str, output_dir: Path) -> str | None:
+    """The run's checkpoint folder when storage is a local (or mounted) path, else None."""
+    if "://" in storage:
+        return None
+    return str(Path(storage) / _run_name(output_dir))
 
 
 def _run_name(output_dir: Path) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 
 from configs import RayftConfig
+from jobs.checkpoints import STATE_FILE, checkpoint_step, latest_complete, write_manifest
 
-CHECKPOINT_STATE = "trainer_state.json"
+CHECKPOINT_STATE = STATE_FILE
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,19 @@ class LoopPlan:
     torch_threads: int
     resume_from: str | None = None
     deepspeed_config: dict[str, Any] | None = None
+    eval_rows: int = 0
+    fault: dict[str, Any] | None = None
+    run_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Kill rank `rank` with `os._exit` right after optimizer step `step`, once per `marker`
+    file (the restarted attempt finds the marker and trains on). For fault-tolerance tests."""
+
+    step: int
+    marker: str
+    rank: int = 1
 
 
 def plan_steps(config: RayftConfig, *, rows: int, world_size: int) -> tuple[int, int, int, int]:
@@ -64,8 +79,11 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import get_scheduler
 
-    from jobs.model import attach_lora, load_base_model, load_tokenizer, training_dtype
-    from jobs.registry import get_stage
+    from jobs.model import build_trainable_model, load_tokenizer, training_dtype
+    from jobs.optimizers import make_optimizer_factory
+    from jobs.reference import make_reference
+    from jobs.registry import StepContext, get_stage
+    from jobs.stages.rm import reward_pad_id
     from jobs.strategies import get_strategy
     from jobs.trackers import make_tracker
 
@@ -79,16 +97,22 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     on_gpu = torch.cuda.is_available() and config.ray.use_gpu
 
     tokenizer = load_tokenizer(config)
-    model = attach_lora(load_base_model(config, dtype=training_dtype(config, on_gpu=on_gpu)), config)
+    model = build_trainable_model(config, on_gpu=on_gpu, head=stage.head)
+    pad_id = tokenizer.pad_token_id
+    if stage.head == "reward":
+        pad_id = reward_pad_id(tokenizer)
+        model.config.pad_token_id = pad_id  # where transformers reads the score
     strategy = get_strategy(
         config, world_size=world, on_gpu=on_gpu, deepspeed_config=plan.deepspeed_config
     )
-    model, optimizer = strategy.wrap(
-        model,
-        lambda params: torch.optim.AdamW(
-            params, lr=config.learning_rate, weight_decay=config.weight_decay
-        ),
+    model, optimizer = strategy.wrap(model, make_optimizer_factory(config, model))
+    reference = (
+        make_reference(
+            config, strategy.unwrap(), dtype=training_dtype(config, on_gpu=on_gpu)
+        )
+        if stage.uses_reference(config) else None
     )
+    step_context = StepContext(model=model, reference=reference, config=config, world=world)
     _write_strategy_stats(Path(config.output_dir), strategy, rank=rank)
     warmup = config.warmup_steps or math.ceil(plan.total_steps * config.warmup_ratio)
     scheduler = get_scheduler(
@@ -97,9 +121,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     )
     # A restarted worker group gets the run's latest checkpoint from Ray Train; a new run into
     # an output_dir with checkpoints starts from the one the driver found.
-    checkpoint = ray.train.get_checkpoint() or (
-        ray.train.Checkpoint(plan.resume_from) if plan.resume_from else None
-    )
+    checkpoint = _pick_checkpoint(ray.train.get_checkpoint(), plan)
     state = _resume(checkpoint, strategy, scheduler)
     step, skip_micro = state["step"], state["micro_in_epoch"]
     start_epoch = state["epoch"]
@@ -107,37 +129,54 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     log_path = Path(config.output_dir) / "trainer_log.jsonl"
     started = time.time()
     shard = ray.train.get_dataset_shard("train")
-    pad_id = tokenizer.pad_token_id
+    eval_shard = ray.train.get_dataset_shard("eval") if plan.eval_rows else None
+    last_eval: dict[str, float] = {}
     accum = config.gradient_accumulation_steps
     losses_since_log: list[float] = []
+    metrics_since_log: list[dict[str, float]] = []
     all_losses: list[float] = []
     epoch = start_epoch
 
-    def after_step(loss: float, micro_index: int) -> bool:
+    def after_step(result: StepResult, micro_index: int) -> bool:
         """Log, report and checkpoint after optimizer step `step`; True when training is done."""
-        losses_since_log.append(loss)
-        all_losses.append(loss)
+        losses_since_log.append(result.loss)
+        all_losses.append(result.loss)
+        metrics_since_log.append(result.metrics)
         done = step >= plan.total_steps
-        if step % config.logging_steps == 0 or done:
+        logging = step % config.logging_steps == 0 or done
+        reporting = logging or step % config.save_steps == 0
+        evaluated: dict[str, float] = {}
+        # Evaluate when due, and before the first report, so that every report a Tune
+        # scheduler sees carries the eval metrics (the latest ones).
+        if eval_shard is not None and (
+            _eval_due(config, step, micro_index, plan, done) or (reporting and not last_eval)
+        ):
+            evaluated = _evaluate(step_context, stage, eval_shard, pad_id, config)
+            last_eval.update(evaluated)
+        if logging or evaluated:
             record = {
                 "current_steps": step,
                 "total_steps": plan.total_steps,
                 "loss": round(sum(losses_since_log) / len(losses_since_log), 4),
+                **_mean_metrics(metrics_since_log),
+                **{name: round(value, 4) for name, value in evaluated.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "epoch": round(epoch + micro_index / plan.micro_per_epoch, 2),
                 "elapsed_time": round(time.time() - started, 1),
             }
             losses_since_log.clear()
+            metrics_since_log.clear()
             if rank == 0:
                 _write_log(log_path, record, tracker)
+        reported = {"loss": result.loss, "step": step, **result.metrics, **last_eval}
         if step % config.save_steps == 0 or done:
             _report_checkpoint(
-                strategy, scheduler, rank=rank,
+                strategy, scheduler, rank=rank, world=world,
                 state={"step": step, "epoch": epoch, "micro_in_epoch": micro_index},
-                metrics={"loss": loss, "step": step},
+                metrics=reported,
             )
         elif step % config.logging_steps == 0:
-            ray.train.report({"loss": loss, "step": step})
+            ray.train.report(reported)
         return done
 
     done = step >= plan.total_steps
@@ -157,20 +196,21 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
             window.append(batch)
             if len(window) < accum:
                 continue
-            loss = _optimizer_step(
-                model, stage, window, strategy=strategy, scheduler=scheduler, world=world
+            result = _optimizer_step(
+                step_context, stage, window, strategy=strategy, scheduler=scheduler
             )
             window = []
             step += 1
-            done = after_step(loss, micro_index)
+            done = after_step(result, micro_index)
+            _maybe_fail(plan.fault, step=step, rank=rank)
             if done:
                 break
         if window and not done:  # a partial accumulation window closes the epoch
-            loss = _optimizer_step(
-                model, stage, window, strategy=strategy, scheduler=scheduler, world=world
+            result = _optimizer_step(
+                step_context, stage, window, strategy=strategy, scheduler=scheduler
             )
             step += 1
-            done = after_step(loss, micro_index)
+            done = after_step(result, micro_index)
         epoch += 1
         skip_micro = 0
     _save_final(strategy, tokenizer, config, rank=rank, losses=all_losses, started=started)
@@ -179,6 +219,63 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
             tracker.close()
     if dist.is_initialized():
         dist.barrier()
+
+
+def _maybe_fail(fault: dict[str, Any] | None, *, step: int, rank: int) -> None:
+    """The injected failure of `FaultInjection`, if this is its step and rank."""
+    if not fault:
+        return
+    injection = FaultInjection(**fault)
+    marker = Path(injection.marker)
+    if step == injection.step and rank == injection.rank and not marker.exists():
+        marker.write_text(f"killed rank {rank} after step {step}\n")
+        print(f"[rayft] fault injection: rank {rank} exits after step {step}", flush=True)
+        os._exit(1)
+
+
+def _eval_due(config: RayftConfig, step: int, micro_index: int, plan: LoopPlan, done: bool) -> bool:
+    """`eval_strategy` steps: every `eval_steps` (default `logging_steps`); epoch: at each
+    epoch's last step; both: at the end."""
+    if done:
+        return True
+    if config.eval_strategy == "steps":
+        return step % (config.eval_steps or config.logging_steps) == 0
+    return micro_index >= plan.micro_per_epoch
+
+
+def _evaluate(
+    context: Any, stage: Any, shard: Any, pad_id: int, config: RayftConfig
+) -> dict[str, float]:
+    """`eval_loss` and `eval_<metric>` over this rank's evaluation shard, averaged over ranks.
+
+    Every rank holds the same number of evaluation rows (an equal split), so all ranks run the
+    same forwards, which ZeRO-3 and FSDP2 gather parameters for collectively.
+    """
+    import torch.distributed as dist
+
+    context.model.eval()
+    totals: dict[str, list[float]] = {"loss": [0.0, 0.0]}
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(
+            batch_size=config.per_device_eval_batch_size, collate_fn=_stage_collate(stage, pad_id)
+        ):
+            output = stage.loss(context, batch)
+            totals["loss"][0] += float(output.loss_sum)
+            totals["loss"][1] += stage.count(batch)
+            for name, (total, how_many) in output.metric_sums.items():
+                sums = totals.setdefault(name, [0.0, 0.0])
+                sums[0] += total
+                sums[1] += how_many
+    context.model.train()
+    names = sorted(totals)
+    packed = torch.tensor([value for name in names for value in totals[name]])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    values = packed.tolist()
+    return {
+        f"eval_{name}": values[2 * i] / values[2 * i + 1]
+        for i, name in enumerate(names) if values[2 * i + 1] > 0
+    }
 
 
 def _stage_collate(stage: Any, pad_id: int) -> Any:
@@ -196,47 +293,81 @@ def _stage_collate(stage: Any, pad_id: int) -> Any:
     return StageCollate()
 
 
-def _optimizer_step(
-    model: Any, stage: Any, window: list[dict[str, torch.Tensor]], *, strategy: Any,
-    scheduler: Any, world: int,
-) -> float:
-    """One optimizer step over a window of micro-batches; returns the global mean token loss.
+@dataclass(frozen=True)
+class StepResult:
+    """An optimizer step's global mean loss and metrics (the same on every rank)."""
 
-    Each micro-batch's summed loss is divided by the labelled-token count of the whole window
-    on all ranks (times the world size, which every strategy's gradient averaging divides out
-    again). The strategy accumulates, clips and steps; DeepSpeed learns the window's end from
-    `is_last_micro` instead of counting micro-batches, so a short last window still steps.
+    loss: float
+    metrics: dict[str, float]
+
+
+def _optimizer_step(
+    context: Any, stage: Any, window: list[dict[str, torch.Tensor]], *, strategy: Any,
+    scheduler: Any,
+) -> StepResult:
+    """One optimizer step over a window of micro-batches.
+
+    Each micro-batch's summed loss is divided by the stage's count (labelled tokens, pairs or
+    rows) of the whole window on all ranks, times the world size, which every strategy's
+    gradient averaging divides out again; so accumulation 1x8 equals 8x1. The strategy
+    accumulates, clips and steps; DeepSpeed learns the window's end from `is_last_micro`
+    instead of counting micro-batches, so a short last window still steps.
     """
     import torch.distributed as dist
 
-    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in window]
-    global_count = torch.tensor([float(sum(counts))])
+    global_count = torch.tensor([float(sum(stage.count(batch) for batch in window))])
     if dist.is_initialized():
         dist.all_reduce(global_count)
     denominator = max(global_count.item(), 1.0)
     step_loss = torch.zeros(1)
+    metric_sums: dict[str, list[float]] = {}
     for index, batch in enumerate(window):
-        loss_sum, _ = stage.loss_sum(model, batch)
-        strategy.backward(loss_sum * world / denominator, is_last_micro=index == len(window) - 1)
-        step_loss += loss_sum.detach().float()
+        output = stage.loss(context, batch)
+        strategy.backward(
+            output.loss_sum * context.world / denominator, is_last_micro=index == len(window) - 1
+        )
+        step_loss += output.loss_sum.detach().float()
+        for name, (total, how_many) in output.metric_sums.items():
+            sums = metric_sums.setdefault(name, [0.0, 0.0])
+            sums[0] += total
+            sums[1] += how_many
     strategy.step()
     scheduler.step()
     strategy.zero_grad()
+    names = sorted(metric_sums)
+    packed = torch.tensor([step_loss.item(), *(v for n in names for v in metric_sums[n])])
     if dist.is_initialized():
-        dist.all_reduce(step_loss)
-    return float(step_loss.item() / denominator)
+        dist.all_reduce(packed)
+    values = packed.tolist()
+    metrics = {
+        name: values[1 + 2 * i] / values[2 + 2 * i]
+        for i, name in enumerate(names) if values[2 + 2 * i] > 0
+    }
+    return StepResult(loss=values[0] / denominator, metrics=metrics)
+
+
+def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
+    """Per-metric mean over the steps since the last log line (rounded for the log)."""
+    names = sorted({name for metrics in window for name in metrics})
+    return {
+        name: round(sum(m[name] for m in window if name in m) / sum(name in m for m in window), 4)
+        for name in names
+    }
 
 
 def _report_checkpoint(
-    strategy: Any, scheduler: Any, *, rank: int, state: dict, metrics: dict
+    strategy: Any, scheduler: Any, *, rank: int, world: int, state: dict, metrics: dict
 ) -> None:
     """Save what a resume needs and report it; every rank reports.
 
     Rank 0 writes the consolidated adapter, scheduler, RNG and step; a sharding strategy adds
-    one shard per rank, so then every rank hands Ray its dir (Ray merges them).
+    one shard per rank, so then every rank hands Ray its dir (Ray merges them). Each writer
+    lists its files in a manifest (`jobs.checkpoints`), so a half-copied checkpoint is never
+    resumed from.
     """
     import ray.train
 
+    keep = rank == 0 or strategy.sharded_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         strategy.save_adapter(path, rank=rank)
@@ -244,10 +375,30 @@ def _report_checkpoint(
         if rank == 0:
             torch.save(scheduler.state_dict(), path / "scheduler.pt")
             torch.save(torch.get_rng_state(), path / "rng_state.pt")
-            (path / CHECKPOINT_STATE).write_text(json.dumps(state))
-        keep = rank == 0 or strategy.sharded_checkpoint
+            writers = world if strategy.sharded_checkpoint else 1
+            (path / CHECKPOINT_STATE).write_text(json.dumps({**state, "writers": writers}))
+        if keep:
+            write_manifest(path, rank=rank)
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if keep else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}")
+
+
+def _pick_checkpoint(registered: Any, plan: LoopPlan) -> Any:
+    """The newest checkpoint to resume from: the one Ray Train registered, or a newer complete
+    one in the run's local storage (Ray registers a checkpoint only once it has every rank's
+    report; a rank that died right after writing its shard leaves it stored but unregistered),
+    or, for a new run into an old `output_dir`, the one the driver found."""
+    import ray.train
+
+    candidates = [registered] if registered is not None else []
+    stored = latest_complete(Path(plan.run_dir)) if plan.run_dir else None
+    if stored is not None:
+        candidates.append(ray.train.Checkpoint(str(stored)))
+    if plan.resume_from:
+        candidates.append(ray.train.Checkpoint(plan.resume_from))
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: checkpoint_step(Path(c.path)))
 
 
 def _resume(checkpoint: Any, strategy: Any, scheduler: Any) -> dict[str, int]:
@@ -282,7 +433,8 @@ def _write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
         f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
         flush=True,
     )
-    tracker.log({"loss": record["loss"], "lr": record["lr"]}, done)
+    skip = ("current_steps", "total_steps", "epoch", "elapsed_time")
+    tracker.log({k: v for k, v in record.items() if k not in skip}, done)
 
 
 def _save_final(

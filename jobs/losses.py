@@ -136,6 +136,24 @@ def sequence_logps(
     return logps, counts
 
 
+def kept_sequence_logps(
+    kept_logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logps` (sums) for logits computed only at `positions` (`predicting_positions`).
+
+    Every position whose next token carries a label in some row is kept, so the per-sample
+    sums equal the full computation while the vocabulary projection skips prompts and padding.
+
+    Returns:
+        (summed log-probs [batch] in float32, labelled-token counts [batch]).
+    """
+    targets = labels[:, positions + 1]
+    mask = targets != IGNORE_INDEX
+    per_token = _label_log_probs(kept_logits, targets.masked_fill(~mask, 0))
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    return per_token.sum(-1), mask.sum(-1)
+
+
 # --------------------------------------------------------------------------------------------
 # Preference losses: DPO, KTO, ORPO, SimPO, reward model
 # --------------------------------------------------------------------------------------------

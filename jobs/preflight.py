@@ -12,19 +12,27 @@ from pathlib import Path
 
 from configs import ConfigProblem, RayftConfig, load_config
 from data_pipelines.dataset_info import DatasetError, resolve_dataset
+from data_pipelines.families import check_row_kinds, get_family
 from data_pipelines.templates import get_template
-from jobs.registry import check_stage
+from jobs.registry import check_stage, get_stage
 from jobs.trackers import check_tracker
 
 
 def check_datasets(config: RayftConfig) -> list[ConfigProblem]:
-    """Each name in `dataset` is declared and its files exist."""
+    """Each name in `dataset` is declared, its files exist, and its rows fit the stage (e.g.
+    `dpo` needs ranking pairs)."""
     if not config.dataset_names:
         return [ConfigProblem("dataset", "is required for training; e.g. `dataset: identity`")]
     problems = []
-    for name in config.dataset_names:
+    try:
+        family = get_family(get_stage(config.stage).family)
+    except ValueError:
+        family = None  # an unknown stage is check_stage's to report
+    for name in [*config.dataset_names, *config.eval_dataset_names]:
         try:
-            resolve_dataset(name, config.dataset_dir)
+            spec = resolve_dataset(name, config.dataset_dir)
+            if family is not None:
+                check_row_kinds([spec], family, config.stage)
         except DatasetError as err:
             problems.append(ConfigProblem("dataset", str(err)))
     return problems

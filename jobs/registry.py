@@ -3,12 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from configs import ConfigProblem, RayftConfig
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a stage's loss sees besides the batch.
+
+    Attributes:
+        model: the policy as the strategy wrapped it (call it for forward passes with grad).
+        reference: log-prob source of the frozen reference model, or None (see `jobs.reference`).
+        config: the run's config (stage hyperparameters: `pref_beta`, `pref_loss`, …).
+        world: number of ranks (KTO averages its KL estimate over them).
+    """
+
+    model: Any
+    reference: Any
+    config: RayftConfig
+    world: int = 1
+
+
+@dataclass
+class StepOutput:
+    """One micro-batch's contribution: the summed loss and its metrics.
+
+    The loop divides the loss by the step's global `Stage.count`, so a stage whose loss is a
+    mean over pairs returns the sum over its pairs, and one whose loss is a token mean the token
+    sum. Metrics are (sum, how many) pairs, summed over micro-batches and ranks and then divided.
+    """
+
+    loss_sum: torch.Tensor
+    metric_sums: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -17,15 +47,32 @@ class Stage:
 
     Attributes:
         name: the `stage:` value.
-        prepare_data: config, CPUs per data task → `PreparedData` (tokenized rows + report).
-        collate: numpy batch from Ray Data, pad id → tensors for `loss_sum`.
-        loss_sum: model, batch → (summed loss, number of items it sums over).
+        family: the data family it reads (`data_pipelines.families`).
+        collate: numpy batch from Ray Data, pad id → tensors for `loss`.
+        loss: context, batch → `StepOutput`.
+        count: batch → the units the loss sums over (labelled tokens, pairs or rows).
+        head: `causal_lm`, or `reward` for a scalar value head (sequence classification).
+        uses_reference: config → whether the stage needs a reference model.
+        metrics: names the loss reports besides `loss` (for `tune.metric` checks).
+        train_loop: a per-worker loop of its own (PPO's rollout/update cycle) taking the same
+            `LoopPlan` dict; None uses the shared loop in `jobs.loop`.
     """
 
     name: str
-    prepare_data: Callable[[RayftConfig, float], Any]
+    family: str
     collate: Callable[[dict[str, Any], int], dict[str, torch.Tensor]]
-    loss_sum: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
+    loss: Callable[[StepContext, dict[str, torch.Tensor]], StepOutput]
+    count: Callable[[dict[str, torch.Tensor]], int]
+    head: Literal["causal_lm", "reward"] = "causal_lm"
+    uses_reference: Callable[[RayftConfig], bool] = lambda config: False
+    metrics: tuple[str, ...] = ()
+    train_loop: Callable[[dict[str, Any]], None] | None = None
+
+    def prepare_data(self, config: RayftConfig, cpus_per_task: float) -> Any:
+        """Tokenize the `dataset` list into this stage's family (cached; see the pipeline)."""
+        from data_pipelines.pipeline import prepare_dataset
+
+        return prepare_dataset(config, family=self.family, cpus_per_task=cpus_per_task)
 
 
 STAGES: dict[str, Stage] = {}

@@ -37,8 +37,9 @@ class Strategy(ABC):
     """How one rank wraps, steps and checkpoints the model.
 
     Checkpoint layout (one Ray checkpoint dir; every rank reports its own temp dir and Ray merges
-    them): rank 0 writes the consolidated PEFT adapter for export; `save_state` adds whatever the
-    strategy needs to resume (rank-0 files or per-rank shards).
+    them): rank 0 writes the consolidated model for export (`save_adapter`: the PEFT adapter for
+    lora; for full and freeze the whole model as safetensors, as LLaMA-Factory saves them);
+    `save_state` adds whatever the strategy needs to resume (rank-0 files or per-rank shards).
     """
 
     name: str
@@ -77,11 +78,20 @@ class Strategy(ABC):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def unwrap(self) -> Any:
-        """The PEFT model inside any wrapper."""
+        """The PEFT (lora) or transformers (full, freeze) model inside any wrapper."""
         return self.model.module if hasattr(self.model, "module") else self.model
 
+    @property
+    def trains_adapter(self) -> bool:
+        """True for lora (the export is an adapter), False for full/freeze (a whole model)."""
+        return self.config.finetuning_type == "lora"
+
     def save_adapter(self, directory: Path, *, rank: int) -> None:
-        """The consolidated adapter on rank 0 (collective: every rank calls it)."""
+        """The consolidated adapter (lora) or whole model (full, freeze) on rank 0.
+
+        Collective: every rank calls it. The result loads with peft's / transformers'
+        `from_pretrained(directory)`.
+        """
         if rank == 0:
             self.unwrap().save_pretrained(directory)
 
@@ -91,13 +101,16 @@ class Strategy(ABC):
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_state(self, directory: Path) -> None:
-        """Restore adapter weights and optimizer state saved by `save_adapter`/`save_state`."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+        """Restore trained weights and optimizer state saved by `save_adapter`/`save_state`."""
+        if self.trains_adapter:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
-        set_peft_model_state_dict(
-            self.unwrap(), load_file(directory / "adapter_model.safetensors")
-        )
+            set_peft_model_state_dict(
+                self.unwrap(), load_file(directory / "adapter_model.safetensors")
+            )
+        else:
+            load_saved_weights(self.unwrap(), directory)
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
 
     def describe(self) -> dict[str, Any]:
@@ -108,6 +121,32 @@ class Strategy(ABC):
             "param_numel": sum(p.numel() for p in params),
             "local_numel": sum(p.numel() for p in params),
         }
+
+
+def load_saved_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load the safetensors files `save_pretrained` wrote (one file or shards) into `model`.
+
+    Raises:
+        RuntimeError: no weights in `directory`, or names that do not match the model
+            (weights tied to another one, e.g. a tied lm_head, are not saved and may be absent).
+    """
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise RuntimeError(f"no model*.safetensors in {directory} to resume from")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unique = {name for name, _ in model.named_parameters()}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - unique
+    missing = [name for name in missing if name not in tied]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"weights in {directory} do not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}
@@ -295,6 +334,16 @@ class DeepSpeedStrategy(Strategy):
     def save_adapter(self, directory: Path, *, rank: int) -> None:
         import deepspeed
 
+        if not self.trains_adapter:
+            # The whole model: ZeRO-3 gathers it layer by layer onto rank 0; below ZeRO-3 every
+            # rank holds full parameters already.
+            if self.zero_stage == 3:
+                state = self.model._zero3_consolidated_16bit_state_dict()
+            else:
+                state = self.unwrap().state_dict() if rank == 0 else None
+            if rank == 0:
+                self.unwrap().save_pretrained(directory, state_dict=state)
+            return
         trainable = self.trainable_parameters()
         # Under ZeRO-3 parameters are partitioned; gather the (small) adapter on every rank.
         with deepspeed.zero.GatheredParameters(trainable, enabled=self.zero_stage == 3):
@@ -379,9 +428,13 @@ class FSDPStrategy(Strategy):
     def save_adapter(self, directory: Path, *, rank: int) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        # lora: the adapter's (trainable) tensors; full/freeze: every tensor, as export needs
+        # the whole model. Gathered from all ranks, kept on rank 0's CPU.
         state = get_model_state_dict(
             self.model,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True),
+            options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.trains_adapter
+            ),
         )
         if rank == 0:
             self.model.save_pretrained(directory, state_dict=state)
@@ -405,9 +458,12 @@ class FSDPStrategy(Strategy):
 
         state = self._state()
         dcp.load(state, checkpoint_id=str(directory / "fsdp"))
+        # Frozen weights are not in the checkpoint (they come from the base model), so the
+        # load is not strict; every trained key is, because `state` was built from them.
         set_state_dict(
             self.model, self.optimizer, model_state_dict=state["model"],
-            optim_state_dict=state["optim"], options=StateDictOptions(ignore_frozen_params=True),
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )
 
     def describe(self) -> dict[str, Any]:

@@ -23,13 +23,24 @@ from typing import Any
 from configs import ConfigProblem, RayftConfig, write_resolved
 from jobs.resources import plan_resources
 
-# What the training loop reports to Ray Train (and so to Tune) at every logging step.
-REPORTED_METRICS: tuple[str, ...] = ("loss",)
 # Keys a sweep may not vary: where things go and the sweep itself.
 _NOT_TUNABLE = frozenset({"ray", "serve", "tune", "output_dir", "export_dir", "dataset_dir"})
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # The trial function only drives its TorchTrainer; Tune needs it to ask for some resource.
 TRIAL_DRIVER_CPUS = 0.05
+
+
+def reported_metrics(config: RayftConfig) -> tuple[str, ...]:
+    """What the training loop reports to Ray Train (and so to Tune) at every report: the loss,
+    the stage's metrics, and their eval_ versions when the run evaluates."""
+    from jobs.registry import get_stage
+
+    try:
+        names = ("loss", *get_stage(config.stage).metrics)
+    except ValueError:
+        names = ("loss",)
+    evaluated = tuple(f"eval_{name}" for name in names) if config.eval_strategy != "no" else ()
+    return names + evaluated
 
 
 def check_tune(config: RayftConfig) -> list[ConfigProblem]:
@@ -46,13 +57,14 @@ def check_tune(config: RayftConfig) -> list[ConfigProblem]:
             problems.append(
                 ConfigProblem(f"tune.search_space.{key}", f"is not a training key{hint}")
             )
-    if config.tune.metric not in REPORTED_METRICS:
+    reported = reported_metrics(config)
+    if config.tune.metric not in reported:
         problems.append(
             ConfigProblem(
                 "tune.metric",
-                f"`{config.tune.metric}` is never reported; training reports "
-                f"{', '.join(REPORTED_METRICS)} (evaluation metrics such as eval_loss are not "
-                "supported yet)",
+                f"`{config.tune.metric}` is never reported; this run reports "
+                f"{', '.join(reported)} (eval_* metrics need val_size or eval_dataset with "
+                "eval_strategy)",
             )
         )
     if config.tune.search_alg == "optuna" and importlib.util.find_spec("optuna") is None:

@@ -5,7 +5,12 @@ Routes (relative to ``ServeArgs.route_prefix``): ``GET /v1/models``,
 events with ``stream: true``), ``GET /health``. Every error is an OpenAI error body
 (``{"error": {"message", "type", "param", "code"}}``) with a status the official clients map
 to their exception classes: 400 bad request, 401 missing or wrong API key, 404 unknown model or
-route, 413 body too large, 500 engine failure.
+route, 405 wrong method, 413 body too large, 415 not JSON, 500 engine failure; Serve's proxy
+answers 429 when ``max_queued_requests`` is exceeded.
+
+Each application serves ``model_name`` and, on the same weights, every adapter of
+``ServeArgs.adapters`` under its own name. With ``tools``, the answer is parsed for tool calls in
+the template's tool format (`serve.tools`).
 
 Non-streamed requests that arrive together are decoded together (`serve.batch`); streamed ones
 are generated one at a time as they come.
@@ -23,6 +28,7 @@ Two ways in:
 # inspect.signature (without evaluating strings), so FastAPI would see `request: "Request"` as a
 # query parameter.
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -61,14 +67,17 @@ from serve.protocol import (
     DeltaMessage,
     ErrorDetail,
     ErrorResponse,
+    FunctionCallOut,
     ModelCard,
     ModelList,
     ProtocolError,
+    ToolCallOut,
     Usage,
     parse_chat_request,
     parse_completion_request,
     sse,
 )
+from serve.tools import parse_tool_calls
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +173,12 @@ class ChatServer:
 
     @api.get("/v1/models", response_model=None)
     async def models(self, request: Request) -> ModelList | JSONResponse:
-        """The one model this application serves."""
+        """The model this application serves, and each of its adapters (multi-LoRA)."""
         try:
             self._authorize(request)
         except _Reject as reject:
             return reject.response
-        return ModelList(data=[ModelCard(id=self.args.model_name)])
+        return ModelList(data=[ModelCard(id=name) for name in self.args.served_models()])
 
     @api.post("/v1/chat/completions", response_model=None)
     async def chat_completions(
@@ -178,24 +187,19 @@ class ChatServer:
         """Answer a chat request: ``n`` choices, or one streamed choice."""
         try:
             req = await self._read(request, parse_chat_request)
-            gen = await self._prepare(self.engine.prepare_chat, req.plain_messages(), req)
+            gen = await self._prepare(
+                self.engine.prepare_chat, req.plain_messages(), req, tools=req.tool_dicts()
+            )
             if req.stream:
                 return _event_stream(self._chat_events(req, gen))
             results = await self._generate(gen)
         except _Reject as reject:
             return reject.response
-        return ChatCompletionResponse(
-            model=self.args.model_name,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content=r.text),
-                    finish_reason=r.finish_reason,
-                )
-                for i, r in enumerate(results)
-            ],
-            usage=_usage(results),
-        )
+        choices = []
+        for i, r in enumerate(results):
+            message, finish = self._answer(req, r)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=finish))
+        return ChatCompletionResponse(model=req.model, choices=choices, usage=_usage(results))
 
     @api.post("/v1/completions", response_model=None)
     async def completions(
@@ -211,7 +215,7 @@ class ChatServer:
         except _Reject as reject:
             return reject.response
         return CompletionResponse(
-            model=self.args.model_name,
+            model=req.model,
             choices=[
                 CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason)
                 for i, r in enumerate(results)
@@ -239,6 +243,16 @@ class ChatServer:
     ) -> ChatCompletionRequest | CompletionRequest:
         """Authorize, read the body within its size limit, parse it and check the model."""
         self._authorize(request)
+        content_type = request.headers.get("content-type")
+        if content_type is not None and content_type.split(";")[0].strip() != "application/json":
+            raise _Reject(
+                error_response(
+                    415,
+                    f"the body must be JSON, sent as Content-Type: application/json "
+                    f"(got {content_type[:80]!r})",
+                    code="unsupported_media_type",
+                )
+            )
         limit = self.args.max_request_bytes
         too_large = _Reject(
             error_response(
@@ -259,16 +273,27 @@ class ChatServer:
             req = parse(bytes(body))
         except ProtocolError as exc:
             raise _Reject(error_response(400, exc.message, param=exc.param)) from exc
-        if req.model != self.args.model_name:
+        served = self.args.served_models()
+        if req.model not in served:
             raise _Reject(
                 error_response(
                     404,
                     f"model {req.model!r} does not exist: this server serves "
-                    f"{self.args.model_name!r}",
+                    + ", ".join(repr(name) for name in served),
                     param="model",
                     code="model_not_found",
                 )
             )
+        if isinstance(req, ChatCompletionRequest) and req.uses_tools():
+            if self.args.tool_format is None:
+                raise _Reject(
+                    error_response(
+                        400,
+                        "tools are not supported by this model: its chat template has no tool "
+                        "format (serve it with a rayft `template` that has one)",
+                        param="tools",
+                    )
+                )
         cap = self.args.max_tokens_limit
         asked = req.max_new_tokens()
         if cap is not None and asked is not None and asked > cap:
@@ -288,10 +313,15 @@ class ChatServer:
         prepare: Callable[..., GenerationRequest],
         prompt: object,
         req: ChatCompletionRequest | CompletionRequest,
+        **extra: object,
     ) -> GenerationRequest:
-        """Render and tokenize off the event loop; the caller's mistakes become 400s."""
+        """Render and tokenize off the event loop; the caller's mistakes become 400s.
+
+        The request's `model` picks the adapter (multi-LoRA) the answer is generated with.
+        """
         try:
-            return await asyncio.to_thread(prepare, prompt, **req.sampling())
+            gen = await asyncio.to_thread(prepare, prompt, **req.sampling(), **extra)
+            return dataclasses.replace(gen, adapter=self.args.served_models()[req.model])
         except RequestError as exc:
             raise _Reject(error_response(400, str(exc), param=exc.param)) from exc
         except ChatTemplateMissingError as exc:
@@ -312,13 +342,31 @@ class ChatServer:
         # health checks and new requests are still answered meanwhile.
         return await asyncio.to_thread(self.engine.generate, gens)
 
+    def _answer(
+        self, req: ChatCompletionRequest, result: ChatResult
+    ) -> tuple[AssistantMessage, str]:
+        """The assistant message and finish reason: tool calls when the answer makes some."""
+        if not req.wants_tools():
+            return AssistantMessage(content=result.text), result.finish_reason
+        assert self.args.tool_format is not None  # checked in _read
+        text, calls = parse_tool_calls(self.args.tool_format, result.text)
+        # Special tokens were kept for the tags; the text a client sees has none.
+        for token in self.engine.tokenizer.all_special_tokens:
+            text = text.replace(token, "")
+        if not calls:
+            return AssistantMessage(content=text), result.finish_reason
+        tool_calls = [
+            ToolCallOut(function=FunctionCallOut(name=c.name, arguments=c.arguments)) for c in calls
+        ]
+        return AssistantMessage(content=text or None, tool_calls=tool_calls), "tool_calls"
+
     # -- streams -----------------------------------------------------------------------------
 
     async def _chat_events(
         self, req: ChatCompletionRequest, gen: GenerationRequest
     ) -> AsyncIterator[str]:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time())}
-        head["model"] = self.args.model_name
+        head["model"] = req.model
         usage_field = {"usage": None} if req.include_usage() else {}
 
         def chunk(delta: DeltaMessage, finish: str | None = None) -> str:
@@ -326,6 +374,20 @@ class ChatServer:
             return sse(ChatCompletionChunk(**head, choices=[choice], **usage_field))
 
         yield chunk(DeltaMessage(role="assistant", content=""))
+        if req.wants_tools():
+            # A tool call is only known once the answer is complete: generate it whole, then
+            # send it as one delta (text or tool calls).
+            results = await self._generate(gen)
+            message, finish = self._answer(req, results[0])
+            calls = message.tool_calls or []
+            for index, call in enumerate(calls):
+                call.index = index
+            yield chunk(DeltaMessage(content=message.content, tool_calls=calls or None))
+            yield chunk(DeltaMessage(), finish)
+            if req.include_usage():
+                yield sse(ChatCompletionChunk(**head, choices=[], usage=_usage(results)))
+            yield SSE_DONE
+            return
         async for step in self._deltas(gen):
             if step.text:
                 yield chunk(DeltaMessage(content=step.text))
@@ -339,7 +401,7 @@ class ChatServer:
         self, req: CompletionRequest, gen: GenerationRequest
     ) -> AsyncIterator[str]:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
-        head["model"] = self.args.model_name
+        head["model"] = req.model
 
         def chunk(text: str, finish: str | None = None) -> str:
             choice = CompletionChoice(index=0, text=text, finish_reason=finish)
@@ -395,16 +457,26 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
 
 
 def deployment_options(args: ServeArgs) -> dict:
-    """Ray Serve deployment options `args` implies: resources, replicas or autoscaling.
+    """Ray Serve deployment options `args` implies: resources, replicas or autoscaling, queue.
 
     ``max_ongoing_requests`` is at least ``max_batch_size``, or batches could never fill.
     """
+    actor: dict = {"num_cpus": args.num_cpus_per_replica}
+    custom = {k: v for k, v in args.resources_per_replica.items() if k != "GPU"}
+    if "GPU" in args.resources_per_replica:
+        actor["num_gpus"] = args.resources_per_replica["GPU"]
+    if custom:
+        actor["resources"] = custom
     options: dict = {
-        "ray_actor_options": {"num_cpus": args.num_cpus_per_replica},
+        "ray_actor_options": actor,
         "max_ongoing_requests": max(args.max_ongoing_requests, args.max_batch_size),
     }
+    if args.max_queued_requests is not None:
+        # Past the queue, Serve's proxy answers 429 with Retry-After (clients back off).
+        options["max_queued_requests"] = args.max_queued_requests
+        options["backpressure_config"] = {"status_code": 429, "retry_after_s": 1}
     if args.autoscaling is not None:
-        options["autoscaling_config"] = args.autoscaling.model_dump()
+        options["autoscaling_config"] = args.autoscaling.model_dump(exclude_none=True)
     else:
         options["num_replicas"] = args.num_replicas or 1
     return options

@@ -30,6 +30,20 @@ class AutoscalingArgs(BaseModel):
     target_ongoing_requests: float = Field(
         default=2.0, gt=0.0, description="In-flight requests per replica Serve scales towards."
     )
+    upscale_delay_s: float | None = Field(
+        default=None, ge=0.0, description="Load must stay high this long before a scale-up."
+    )
+    downscale_delay_s: float | None = Field(
+        default=None, ge=0.0, description="Load must stay low this long before a scale-down."
+    )
+    metrics_interval_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="How often replicas report their load (Ray deprecates it).",
+    )
+    look_back_period_s: float | None = Field(
+        default=None, gt=0.0, description="Window the load is averaged over."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingArgs:
@@ -50,6 +64,13 @@ class ServeArgs(BaseModel):
     adapter_path: str | None = Field(
         default=None, description="A PEFT LoRA adapter directory applied on top of the model."
     )
+    adapters: dict[Annotated[str, Field(min_length=1)], str] = Field(
+        default_factory=dict,
+        description=(
+            "More LoRA adapters, name -> local adapter directory: each is served as its own model "
+            "name (multi-LoRA) on the same base weights, chosen per request by `model`."
+        ),
+    )
     model_name: str = Field(
         min_length=1,
         description=(
@@ -62,6 +83,13 @@ class ServeArgs(BaseModel):
         description=(
             "Jinja chat template (the training template's export). None uses the tokenizer's "
             "own; when it has none, chat requests fail with an error saying so."
+        ),
+    )
+    tool_format: str | None = Field(
+        default=None,
+        description=(
+            "Tool format of the training template (default, qwen, glm4, llama3, mistral): "
+            "generated calls are parsed with it. None: requests with `tools` get a 400."
         ),
     )
     stop_words: list[Annotated[str, Field(min_length=1)]] = Field(
@@ -90,10 +118,32 @@ class ServeArgs(BaseModel):
             "checkpoint's dtype on GPU."
         ),
     )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=1,
+        description="Context window served (prompt + completion); default: the model's own.",
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="vLLM only: share of GPU memory vLLM may use (LF's vllm_gpu_util).",
+    )
+    enforce_eager: bool = Field(
+        default=False,
+        description="vLLM only: no CUDA graphs (LF's vllm_enforce_eager).",
+    )
     host: str = Field(default="127.0.0.1", description="Address the HTTP proxy listens on.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port the HTTP proxy listens on.")
     num_cpus_per_replica: float = Field(
         default=1.0, gt=0.0, description="CPUs each Serve replica reserves (fractions allowed)."
+    )
+    resources_per_replica: dict[str, float] = Field(
+        default_factory=dict,
+        description=(
+            "Ray resources each replica reserves besides CPUs: `GPU` and custom resources "
+            "(e.g. {GPU: 1})."
+        ),
     )
     trust_remote_code: bool = Field(
         default=False, description="Run model code shipped with the checkpoint (off: untrusted)."
@@ -119,6 +169,14 @@ class ServeArgs(BaseModel):
         default=32,
         ge=1,
         description="Requests a replica accepts at once (queued ones wait); >= max_batch_size.",
+    )
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Requests queued in front of busy replicas at most; more get HTTP 429 with "
+            "Retry-After. None: unbounded (they wait)."
+        ),
     )
     max_batch_size: int = Field(
         default=8, ge=1, description="Non-streaming requests decoded together in one batch."
@@ -154,12 +212,25 @@ class ServeArgs(BaseModel):
                 "num_replicas and autoscaling are exclusive: set num_replicas for a fixed count, "
                 "or autoscaling (min_replicas, max_replicas) to let Serve scale"
             )
+        if "CPU" in self.resources_per_replica:
+            raise ValueError(
+                "resources_per_replica cannot hold CPU: set num_cpus_per_replica instead"
+            )
+        clash = sorted({self.model_name} & set(self.adapters))
+        if clash:
+            raise ValueError(
+                f"adapter name {clash[0]!r} is also model_name: give each served model its own name"
+            )
         if self.max_tokens_limit is not None and self.max_new_tokens > self.max_tokens_limit:
             raise ValueError(
                 f"max_new_tokens={self.max_new_tokens} exceeds max_tokens_limit="
                 f"{self.max_tokens_limit}: the default budget must be within the limit"
             )
         return self
+
+    def served_models(self) -> dict[str, str | None]:
+        """Every model name served -> its adapter (None: `model_name`, with `adapter_path`)."""
+        return {self.model_name: None, **{name: name for name in self.adapters}}
 
     @model_validator(mode="before")
     @classmethod

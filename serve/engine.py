@@ -16,12 +16,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import jinja2
 import torch
@@ -84,6 +85,10 @@ class GenerationRequest:
         stops: stop strings (the request's and the template's), the answer ends before them.
         seed: seeds sampling; a seeded request is always decoded on its own, so it reproduces.
         n: completions wanted for this prompt.
+        skip_special_tokens: decode the answer without special tokens; off for requests
+            offered tools, whose call tags (``<tool_call>``) may be special tokens.
+        adapter: a name of `ServeArgs.adapters` to answer with; None: the served model itself
+            (base weights plus `ServeArgs.adapter_path`, if given).
     """
 
     prompt_ids: tuple[int, ...]
@@ -93,6 +98,8 @@ class GenerationRequest:
     stops: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    skip_special_tokens: bool = True
+    adapter: str | None = None
 
 
 @dataclass
@@ -206,13 +213,20 @@ class TransformersEngine:
             dtype=_torch_dtype(args.dtype, self.device),
             trust_remote_code=args.trust_remote_code,
         )
-        if args.adapter_path:
+        # `adapter_path` is the adapter called "default" (peft's name); `adapters` are loaded
+        # next to it on the same base weights and picked per request (GenerationRequest.adapter).
+        for name, path in [("default", args.adapter_path), *args.adapters.items()]:
+            if not path:
+                continue
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, args.adapter_path)
+            if isinstance(model, PeftModel):
+                model.load_adapter(path, adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
         self.model = model.to(self.device).eval()
         self.prompts = PromptBuilder(
-            args, self.tokenizer, context_window=_context_window(self.model.config)
+            args, self.tokenizer, context_window=_context_window(self.model.config, args)
         )
         self._stop_token_ids = stop_token_ids(
             self.tokenizer, args.stop_words, self.model.generation_config.eos_token_id
@@ -297,10 +311,11 @@ class TransformersEngine:
         """
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
+            skip = request.skip_special_tokens
             if request.temperature == 0:
-                key: tuple = ("greedy",)
+                key: tuple = ("greedy", skip, request.adapter)
             elif request.seed is None:
-                key = ("sampled", request.temperature, request.top_p)
+                key = ("sampled", request.temperature, request.top_p, skip, request.adapter)
             else:
                 key = ("seeded", i)
             groups.setdefault(key, []).append(i)
@@ -350,7 +365,10 @@ class TransformersEngine:
         try:
             while (token := tokens.tokens.get()) is not None:
                 ids.append(token)
-                text = self._decode([t for t in ids if t not in self._stop_token_ids])
+                text = self._decode(
+                    [t for t in ids if t not in self._stop_token_ids],
+                    skip_special=request.skip_special_tokens,
+                )
                 cut = first_stop(text, request.stops)
                 safe = text[:cut] if cut >= 0 else text[: len(text) - hold]
                 safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
@@ -366,9 +384,9 @@ class TransformersEngine:
         finally:
             cancel.set()
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: list[int], *, skip_special: bool = True) -> str:
         """The one way completion ids become text, shared by stop strings and the answer."""
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
 
     def _generate_group(
         self,
@@ -402,8 +420,9 @@ class TransformersEngine:
             if sampled
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
+        skip = first.skip_special_tokens
         stops = _RowStops(
-            self._decode,
+            lambda ids: self._decode(ids, skip_special=skip),
             prompt_len=width,
             budgets=[row.budget for row in rows],
             stops=[row.stops for row in rows],
@@ -411,7 +430,11 @@ class TransformersEngine:
         )
         # fork_rng: a request's seed must not reset the process-wide RNG of an in-process caller.
         rng_devices = [] if self.device.type == "cpu" else [torch.cuda.current_device()]
-        with torch.random.fork_rng(devices=rng_devices), torch.inference_mode():
+        with (
+            torch.random.fork_rng(devices=rng_devices),
+            torch.inference_mode(),
+            self._adapter(first.adapter),
+        ):
             if first.seed is not None:
                 torch.manual_seed(first.seed)
             output = self.model.generate(
@@ -438,6 +461,7 @@ class TransformersEngine:
                     tuple(generated[:end]),
                     budget=row.budget,
                     stops=row.stops,
+                    skip_special=skip,
                 )
             )
         if not sampled:
@@ -451,9 +475,13 @@ class TransformersEngine:
         *,
         budget: int,
         stops: Sequence[str],
+        skip_special: bool,
     ) -> ChatResult:
         ended_on_token = bool(completion_ids) and completion_ids[-1] in self._stop_token_ids
-        text = self._decode(list(completion_ids[:-1] if ended_on_token else completion_ids))
+        text = self._decode(
+            list(completion_ids[:-1] if ended_on_token else completion_ids),
+            skip_special=skip_special,
+        )
         text, hit_stop = trim_at_stop(text, stops)
         stopped = ended_on_token or hit_stop or len(completion_ids) < budget
         return ChatResult(
@@ -462,6 +490,15 @@ class TransformersEngine:
             prompt_tokens=prompt_tokens,
             completion_ids=completion_ids,
         )
+
+    def _adapter(self, name: str | None) -> contextlib.AbstractContextManager:
+        """Make adapter `name` (None: the served model's own) the active one (lock held)."""
+        if not (self.args.adapter_path or self.args.adapters):
+            return contextlib.nullcontext()
+        if name is None and not self.args.adapter_path:
+            return self.model.disable_adapter()  # the base weights alone
+        self.model.set_adapter(name or "default")
+        return contextlib.nullcontext()
 
     def _pad_token_id(self) -> int | None:
         if self.tokenizer.pad_token_id is not None:
@@ -484,8 +521,14 @@ class PromptBuilder:
         self.context_window = context_window
         self.chat_template = args.chat_template or getattr(tokenizer, "chat_template", None)
 
-    def render(self, messages: Sequence[dict[str, str]]) -> str:
+    def render(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None
+    ) -> str:
         """The prompt text for `messages`, ending in the assistant's generation prompt.
+
+        `tools` (OpenAI tool definitions) go to the template, which writes them into the
+        system prompt in its tool format; assistant turns may carry ``tool_calls`` and
+        ``tool`` turns tool results (see `data_pipelines.templates.Template.to_jinja`).
 
         Raises:
             ChatTemplateMissingError: no chat template is configured or shipped.
@@ -501,6 +544,7 @@ class PromptBuilder:
         try:
             return self.tokenizer.apply_chat_template(
                 list(messages),
+                tools=list(tools) if tools else None,
                 tokenize=False,
                 add_generation_prompt=True,
                 chat_template=self.chat_template,
@@ -510,14 +554,17 @@ class PromptBuilder:
                 f"the chat template rejected the messages: {exc}", param="messages"
             ) from exc
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None
+    ) -> list[int]:
         """Token ids of the rendered prompt; the template carries bos, so none is added."""
-        return self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+        return self.tokenizer(self.render(messages, tools), add_special_tokens=False)["input_ids"]
 
     def prepare_chat(
         self,
-        messages: Sequence[dict[str, str]],
+        messages: Sequence[dict[str, Any]],
         *,
+        tools: Sequence[dict] | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
@@ -527,13 +574,15 @@ class PromptBuilder:
     ) -> GenerationRequest:
         """Render, tokenize and validate a chat request.
 
+        With `tools`, the answer keeps special tokens, so tool-call tags survive decoding.
+
         Raises:
             RequestError: a sampling value is out of range, a stop string is empty, or the
                 prompt plus ``max_tokens`` does not fit the model's context window.
             ChatTemplateMissingError: no chat template is configured or shipped.
         """
-        return self._request(
-            self.encode_chat(messages),
+        request = self._request(
+            self.encode_chat(messages, tools),
             "messages",
             max_tokens=max_tokens,
             temperature=temperature,
@@ -542,6 +591,7 @@ class PromptBuilder:
             seed=seed,
             n=n,
         )
+        return replace(request, skip_special_tokens=False) if tools else request
 
     def prepare_completion(
         self,
@@ -651,9 +701,13 @@ def _check_sampling(
         raise RequestError("stop strings must not be empty", param="stop")
 
 
-def _context_window(config: object) -> int | None:
+def _context_window(config: object, args: ServeArgs) -> int | None:
+    """The model's context window, or ServeArgs.max_model_len when that is set (and smaller)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text_config, "max_position_embeddings", None)
+    native = getattr(text_config, "max_position_embeddings", None)
+    if args.max_model_len is None:
+        return native
+    return args.max_model_len if native is None else min(native, args.max_model_len)
 
 
 def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype | str:

@@ -16,22 +16,46 @@ Example:
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-Role = Literal["system", "user", "assistant"]
-FinishReason = Literal["stop", "length"]
+Role = Literal["system", "user", "assistant", "tool"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+# Fields of the OpenAI API that rayft does not implement and whose omission would change the
+# answer: each maps to the test of a value that is a no-op (accepted) — anything else is a 400.
+_UNSUPPORTED: dict[str, Callable[[object], bool]] = {
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: v in (None, 0),
+    "frequency_penalty": lambda v: v in (None, 0),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "best_of": lambda v: v in (None, 1),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: not v,
+}
 
 
 class ProtocolError(ValueError):
@@ -53,15 +77,69 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
+class FunctionCallSpec(_Request):
+    """``tool_calls[].function`` of an assistant message: arguments are JSON text."""
+
+    name: Annotated[str, Field(min_length=1)]
+    arguments: str
+
+
+class ToolCallSpec(_Request):
+    """One tool call of an earlier assistant turn, as the client sends it back."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallSpec
+
+
+class FunctionSpec(_Request):
+    """``tools[].function``: a function the model may call (a JSON schema of its parameters)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class ToolSpec(_Request):
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatMessage(_Request):
     """One chat turn as the client sends it.
 
     ``content`` may also arrive as OpenAI content parts; text parts are joined into one string
-    (as OpenAI does) and any other part (images, audio) is rejected.
+    (as OpenAI does) and any other part (images, audio) is rejected. An assistant turn that made
+    tool calls carries them in ``tool_calls`` (its content may then be null); a ``tool`` turn is
+    a tool's result.
     """
 
     role: Role
     content: str
+    tool_calls: list[ToolCallSpec] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _calls_may_have_no_content(cls, data: object) -> object:
+        if (
+            isinstance(data, dict)
+            and data.get("role") == "assistant"
+            and data.get("tool_calls")
+            and data.get("content") is None
+        ):
+            return {**data, "content": ""}
+        return data
+
+    @model_validator(mode="after")
+    def _calls_only_from_the_assistant(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise PydanticCustomError(
+                "tool_calls_role", "only assistant messages may carry tool_calls", {}
+            )
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -97,6 +175,20 @@ class StreamOptions(_Request):
 class _SamplingRequest(_Request):
     """Fields chat completions and completions share."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: object) -> object:
+        # Checked before field validation, so the 400 names the unsupported field first.
+        if isinstance(data, dict):
+            for name, harmless in _UNSUPPORTED.items():
+                if name in data and not harmless(data[name]):
+                    raise PydanticCustomError(
+                        "unsupported",
+                        "'{param}' is not supported by this server (got {value}): remove it",
+                        {"param": name, "value": json.dumps(data[name])[:80]},
+                    )
+        return data
+
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
@@ -114,6 +206,12 @@ class _SamplingRequest(_Request):
                 "unsupported",
                 "n={n} is not supported with stream=true: stream one choice (n=1) per request",
                 {"n": self.n, "param": "n"},
+            )
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError(
+                "stream_options",
+                "stream_options is only allowed with stream=true",
+                {"param": "stream_options"},
             )
         return self
 
@@ -157,6 +255,41 @@ class ChatCompletionRequest(_SamplingRequest):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _supported_tool_choice(cls, choice: object) -> object:
+        if choice is not None and choice not in ("none", "auto"):
+            raise PydanticCustomError(
+                "tool_choice",
+                "tool_choice {choice} is not supported: use 'auto' (the model decides) or 'none'",
+                {"choice": json.dumps(choice)[:80]},
+            )
+        return choice
+
+    @model_validator(mode="after")
+    def _conversation_order(self) -> ChatCompletionRequest:
+        problem = conversation_problem([m.role for m in self.messages], self.messages)
+        if problem is not None:
+            raise PydanticCustomError("message_order", problem, {"param": "messages"})
+        return self
+
+    def wants_tools(self) -> bool:
+        """Whether the model is offered tools (and so its answer is parsed for tool calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def uses_tools(self) -> bool:
+        """Whether the request needs a tool format: tools offered, or tool turns in history."""
+        return bool(self.tools) or any(m.role == "tool" or m.tool_calls for m in self.messages)
+
+    def tool_dicts(self) -> list[dict] | None:
+        """``tools`` as the chat template reads them (None when the model is not offered any)."""
+        if not self.wants_tools():
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def max_new_tokens(self) -> int | None:
         """The completion budget: ``max_completion_tokens`` wins over the legacy ``max_tokens``."""
@@ -166,9 +299,58 @@ class ChatCompletionRequest(_SamplingRequest):
             else self.max_tokens
         )
 
-    def plain_messages(self) -> list[dict[str, str]]:
-        """Messages as the ``{"role", "content"}`` dicts chat templates expect."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+    def plain_messages(self) -> list[dict]:
+        """Messages as the dicts chat templates expect: ``{"role", "content"}``, plus
+        ``tool_calls`` (name and JSON arguments) on assistant turns that called tools."""
+        out: list[dict] = []
+        for m in self.messages:
+            message: dict = {"role": m.role, "content": m.content}
+            if m.tool_calls:
+                message["tool_calls"] = [
+                    {"type": "function", "function": c.function.model_dump()} for c in m.tool_calls
+                ]
+            out.append(message)
+        return out
+
+
+def conversation_problem(roles: list[str], messages: list[ChatMessage]) -> str | None:
+    """What is wrong with the order of a conversation's roles, or None when it is servable.
+
+    The rule is what chat templates are trained on (LLaMA-Factory's): an optional system
+    message first, then queries (``user``, or the ``tool`` results answering the previous
+    assistant turn's tool calls) and ``assistant`` answers alternate, starting and ending with a
+    query, so that the model answers the last one.
+    """
+    body = roles[1:] if roles[0] == "system" else roles
+    if "system" in body:
+        return "a system message may only come first: merge it into the first message"
+    if not body:
+        return "the conversation has no user message: add one after the system message"
+    if body[0] != "user":
+        return f"after the system message the conversation must start with user, not {body[0]}"
+    offset = len(roles) - len(body)
+    for i in range(1, len(body)):
+        prev, role = body[i - 1], body[i]
+        if role == "assistant" and prev == "assistant":
+            return f"messages {offset + i - 1} and {offset + i} are both assistant turns"
+        if role == "user" and prev == "user":
+            return (
+                f"messages {offset + i - 1} and {offset + i} are both user turns: user and "
+                "assistant turns must alternate (join consecutive user messages)"
+            )
+        if role == "tool" and not (
+            prev == "tool" or (prev == "assistant" and messages[offset + i - 1].tool_calls)
+        ):
+            return (
+                f"message {offset + i} is a tool result but does not follow an assistant "
+                "message with tool_calls"
+            )
+    if body[-1] == "assistant":
+        return (
+            "the last message is an assistant turn: end with a user (or tool) message for the "
+            "model to answer"
+        )
+    return None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -253,11 +435,39 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class AssistantMessage(BaseModel):
-    """The generated turn."""
+class FunctionCallOut(BaseModel):
+    """The function a generated tool call names, with its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    """One generated tool call (``index`` is set in stream deltas only)."""
+
+    index: int | None = None
+    id: str = Field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class _OmitNoToolCalls(BaseModel):
+    """Leaves ``tool_calls`` out of the JSON when there are none (as OpenAI does)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_empty_calls(self, handler: SerializerFunctionWrapHandler) -> dict:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class AssistantMessage(_OmitNoToolCalls):
+    """The generated turn: text, or (``finish_reason: tool_calls``) tool calls."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -304,11 +514,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class DeltaMessage(BaseModel):
+class DeltaMessage(_OmitNoToolCalls):
     """What a chat stream chunk adds: the role once, then content pieces."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChunkChoice(BaseModel):

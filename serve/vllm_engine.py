@@ -32,6 +32,7 @@ from serve.engine import (
     PromptBuilder,
     RequestError,
     StreamDelta,
+    _context_window,
     _tokenizer_source,
     stop_token_ids,
 )
@@ -72,27 +73,38 @@ class VLLMEngine:
         config = AutoConfig.from_pretrained(
             args.model_path, trust_remote_code=args.trust_remote_code
         )
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.prompts = PromptBuilder(
-            args,
-            self.tokenizer,
-            context_window=getattr(text_config, "max_position_embeddings", None),
+            args, self.tokenizer, context_window=_context_window(config, args)
         )
         self._stop_token_ids = sorted(
             stop_token_ids(self.tokenizer, args.stop_words, getattr(config, "eos_token_id", None))
         )
-        self._lora = LoRARequest("adapter", 1, args.adapter_path) if args.adapter_path else None
+        # Local adapters are handed to vLLM by path, one LoRARequest each (vLLM's own dynamic
+        # loading takes only cloud URIs); None is the served model without an adapter.
+        adapters = {None: args.adapter_path, **{name: path for name, path in args.adapters.items()}}
+        self._loras = {
+            name: LoRARequest(name or "default", i + 1, path)
+            for i, (name, path) in enumerate(adapters.items())
+            if path
+        }
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="rayft-vllm-loop", daemon=True
         )
         self._thread.start()
+        optional = {}
+        if args.gpu_memory_utilization is not None:
+            optional["gpu_memory_utilization"] = args.gpu_memory_utilization
+        if self._loras:
+            optional["max_loras"] = len(self._loras)
         engine_args = AsyncEngineArgs(
             model=args.model_path,
             dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
-            enable_lora=self._lora is not None,
+            enable_lora=bool(self._loras),
             max_model_len=self.prompts.context_window,
+            enforce_eager=args.enforce_eager,
+            **optional,
         )
         self._engine = self._run(_build(AsyncLLMEngine, engine_args))
 
@@ -184,7 +196,7 @@ class VLLMEngine:
             max_tokens=request.max_new_tokens,
             stop=list(request.stops),
             stop_token_ids=self._stop_token_ids,
-            skip_special_tokens=True,
+            skip_special_tokens=request.skip_special_tokens,
         )
 
     def _outputs(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Any]:
@@ -192,7 +204,7 @@ class VLLMEngine:
             {"prompt_token_ids": list(request.prompt_ids)},
             self._params(request),
             request_id,
-            lora_request=self._lora,
+            lora_request=self._loras.get(request.adapter),
         )
 
     async def _final(self, request: GenerationRequest) -> list[ChatResult]:

@@ -1,9 +1,11 @@
 """The OpenAI server on a real local Ray cluster, driven by the official `openai` client.
 
-One private Ray cluster and one Serve instance for this module and test_serve_stream.py
-(which imports these fixtures), with three applications on the same 127.0.0.1 proxy: the tiny
-base model at ``/``, base + a LoRA adapter at ``/lora``, and the base model behind API keys and
-request limits at ``/secure``. Every answer is compared with `TransformersEngine` run in this
+One private Ray cluster and one Serve instance for this module, test_serve_stream.py and
+test_serve_errors.py (which import these fixtures), with four applications on the same
+127.0.0.1 proxy: the tiny base model at ``/``, base + a LoRA adapter at ``/lora`` (plus a second
+adapter served under its own name: multi-LoRA), the base model behind API keys and request
+limits at ``/secure``, and at ``/tools`` a tiny model taught to call a tool, served with the qwen
+training template. Every answer is compared with `TransformersEngine` run in this
 process, which is what ``rayft chat`` uses, so "served" and "in-process" cannot drift apart.
 
 Run: ``python -m pytest tests/integration/test_serve.py -x -q``
@@ -12,6 +14,7 @@ Run: ``python -m pytest tests/integration/test_serve.py -x -q``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -60,11 +63,23 @@ def _free_loopback_port() -> int:
 @pytest.fixture(scope="session")
 def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter with random non-zero B, so that it really changes the answers."""
+    return _random_adapter(tiny_model_dir, tmp_path_factory, seed=1)
+
+
+@pytest.fixture(scope="session")
+def second_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another adapter, served next to the first under its own model name."""
+    return _random_adapter(tiny_model_dir, tmp_path_factory, seed=2)
+
+
+def _random_adapter(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, *, seed: int
+) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     config = LoraConfig(
         r=8,
@@ -91,13 +106,94 @@ def base_args(tiny_model_dir: Path) -> ServeArgs:
 
 
 @pytest.fixture(scope="session")
-def lora_args(base_args: ServeArgs, adapter_dir: Path) -> ServeArgs:
+def lora_args(base_args: ServeArgs, adapter_dir: Path, second_adapter_dir: Path) -> ServeArgs:
     return ServeArgs(
         **{
             **base_args.model_dump(),
             "adapter_path": str(adapter_dir),
+            "adapters": {"tiny-lora-b": str(second_adapter_dir)},
             "model_name": "tiny-lora",
             "route_prefix": "/lora",
+        }
+    )
+
+
+# The tool-calling app: a tiny model trained (in a few seconds) to answer one prompt with a
+# qwen-format tool call, so the whole path runs for real: tools rendered by the training
+# template's Jinja export, generated call parsed back into `tool_calls`.
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TOOL_QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
+TOOL_CALL_TEXT = (
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+)
+
+
+def _qwen_serving_fields() -> dict:
+    from data_pipelines.templates import get_template
+
+    template = get_template("qwen")
+    return {
+        "chat_template": template.to_jinja(),
+        "stop_words": list(template.stop_words),
+        "tool_format": template.tools.name,
+    }
+
+
+@pytest.fixture(scope="session")
+def tool_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model overfit to answer TOOL_QUESTION (with WEATHER_TOOL) by TOOL_CALL_TEXT."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serve.engine import PromptBuilder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    builder = PromptBuilder(
+        ServeArgs(model_path=str(tiny_model_dir), **_qwen_serving_fields()),
+        tokenizer,
+        context_window=None,
+    )
+    prompt = builder.encode_chat(TOOL_QUESTION, [WEATHER_TOOL])
+    answer = tokenizer.encode(TOOL_CALL_TEXT + "<|im_end|>", add_special_tokens=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(300):  # about 80 steps on an idle CPU
+        loss = model(input_ids=ids, labels=labels).loss
+        if loss.item() < 0.01:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out = tmp_path_factory.mktemp("tool_model")
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tool_args(base_args: ServeArgs, tool_model_dir: Path) -> ServeArgs:
+    return ServeArgs(
+        **{
+            **base_args.model_dump(),
+            "model_path": str(tool_model_dir),
+            "model_name": "tiny-tools",
+            "route_prefix": "/tools",
+            "max_new_tokens": 64,  # the call is 36 tokens
+            **_qwen_serving_fields(),
         }
     )
 
@@ -126,6 +222,7 @@ def urls(
     base_args: ServeArgs,
     lora_args: ServeArgs,
     secure_args: ServeArgs,
+    tool_args: ServeArgs,
 ) -> Iterator[dict[str, str]]:
     """Base URLs of all applications, served from one private Ray cluster.
 
@@ -142,6 +239,7 @@ def urls(
             "tiny": run_server(base_args, blocking=False),
             "tiny-lora": run_server(lora_args, blocking=False),
             "tiny-secure": run_server(secure_args, blocking=False),
+            "tiny-tools": run_server(tool_args, blocking=False),
         }
     try:
         yield _RUNNING["urls"]
@@ -215,9 +313,9 @@ def test_unknown_routes_answer_with_openai_error_bodies(
     assert path in body["error"]["message"]
 
 
-def test_models_lists_the_served_name(client: OpenAI, lora_client: OpenAI) -> None:
+def test_models_lists_the_served_names(client: OpenAI, lora_client: OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["tiny"]
-    assert [m.id for m in lora_client.models.list().data] == ["tiny-lora"]
+    assert [m.id for m in lora_client.models.list().data] == ["tiny-lora", "tiny-lora-b"]
 
 
 def test_greedy_answer_equals_in_process_engine(client: OpenAI, engine: TransformersEngine) -> None:
@@ -395,6 +493,86 @@ def test_lora_answer_equals_in_process_engine_with_the_adapter(
     response = lora_client.chat.completions.create(model="tiny-lora", messages=MESSAGES, **GREEDY)
     assert response.choices[0].message.content == expected.text
     assert response.usage.completion_tokens == expected.completion_tokens
+
+
+def test_each_adapter_answers_under_its_own_name(
+    lora_client: OpenAI,
+    lora_engine: TransformersEngine,
+    lora_args: ServeArgs,
+    second_adapter_dir: Path,
+) -> None:
+    # In process: only the second adapter on the base weights, so the served multi-LoRA
+    # replica's answer is compared with an engine that never saw adapter switching.
+    alone = TransformersEngine(
+        ServeArgs(
+            **{**lora_args.model_dump(), "adapter_path": str(second_adapter_dir), "adapters": {}}
+        )
+    )
+    expected_b = alone.chat(MESSAGES, **GREEDY)
+    expected_a = lora_engine.chat(MESSAGES, **GREEDY)
+    assert expected_a.text != expected_b.text
+    answers: dict[str, str] = {}
+
+    def ask(name: str) -> None:
+        response = lora_client.chat.completions.create(model=name, messages=MESSAGES, **GREEDY)
+        assert response.model == name
+        answers[name] = response.choices[0].message.content
+
+    # Both adapters at once: they arrive in one batch window and must not be mixed.
+    threads = [threading.Thread(target=ask, args=(n,)) for n in ("tiny-lora", "tiny-lora-b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == {"tiny-lora": expected_a.text, "tiny-lora-b": expected_b.text}
+    # In-process, the multi-adapter engine switches per request too.
+    request_b = dataclasses.replace(
+        lora_engine.prepare_chat(MESSAGES, **GREEDY), adapter="tiny-lora-b"
+    )
+    assert lora_engine.generate([request_b])[0][0].text == expected_b.text
+
+
+def test_tool_call_round_trip(urls: dict[str, str]) -> None:
+    tools = OpenAI(base_url=urls["tiny-tools"], api_key="none", max_retries=0, timeout=60)
+    response = tools.chat.completions.create(
+        model="tiny-tools", messages=TOOL_QUESTION, tools=[WEATHER_TOOL], temperature=0.0
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert (call.type, call.function.name) == ("function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+    # Streamed, the call arrives as one tool_calls delta.
+    chunks = list(
+        tools.chat.completions.create(
+            model="tiny-tools",
+            messages=TOOL_QUESTION,
+            tools=[WEATHER_TOOL],
+            temperature=0.0,
+            stream=True,
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert [d.tool_calls[0].function.name for d in deltas] == ["get_weather"]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The tool's result goes back as a `tool` message (the template's observation turn).
+    follow_up = [
+        *TOOL_QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temp_c": 21}'},
+    ]
+    answer = tools.chat.completions.create(
+        model="tiny-tools", messages=follow_up, tools=[WEATHER_TOOL], temperature=0.0, max_tokens=8
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert answer.usage.prompt_tokens > response.usage.prompt_tokens
+    # Without `tools`, the same model answers in plain text: nothing is parsed.
+    plain = tools.chat.completions.create(
+        model="tiny-tools", messages=TOOL_QUESTION, temperature=0.0, max_tokens=8
+    )
+    assert plain.choices[0].message.tool_calls is None
 
 
 def _secure(urls: dict[str, str], key: str) -> OpenAI:

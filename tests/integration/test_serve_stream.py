@@ -29,7 +29,10 @@ from test_serve import (  # noqa: F401  (session fixtures shared with this modul
     client,
     engine,
     lora_args,
+    second_adapter_dir,
     secure_args,
+    tool_args,
+    tool_model_dir,
     urls,
 )
 

@@ -128,3 +128,38 @@ def test_completion_uses_no_chat_template(engine) -> None:  # noqa: ANN001
     ids = engine.tokenizer("Once upon a time")["input_ids"]
     assert result.prompt_tokens == len(ids)
     assert len(result.completion_ids) <= 5
+
+
+def test_build_app_passes_queue_resources_and_autoscaling_delays() -> None:
+    from serve.app import build_app
+
+    deployment = build_app(
+        {
+            "model_path": "m",
+            "max_queued_requests": 4,
+            "resources_per_replica": {"GPU": 1, "accelerator_type:L4": 0.1},
+            "autoscaling": {"max_replicas": 2, "upscale_delay_s": 1, "downscale_delay_s": 5},
+        }
+    )._bound_deployment
+    config = deployment._deployment_config
+    assert config.max_queued_requests == 4
+    assert config.backpressure_config.status_code == 429  # not Serve's default 503
+    assert deployment.ray_actor_options["num_gpus"] == 1
+    assert deployment.ray_actor_options["resources"] == {"accelerator_type:L4": 0.1}
+    autoscaling = config.autoscaling_config
+    assert (autoscaling.upscale_delay_s, autoscaling.downscale_delay_s) == (1.0, 5.0)
+    with pytest.raises(ValueError, match="num_cpus_per_replica"):
+        ServeArgs(model_path="m", resources_per_replica={"CPU": 2})
+    with pytest.raises(ValueError, match="also model_name"):
+        ServeArgs(model_path="m", model_name="a", adapters={"a": "/x"})
+
+
+def test_max_model_len_shrinks_the_context_window(tiny_model_dir: Path) -> None:
+    from serve.engine import RequestError, TransformersEngine
+
+    engine = TransformersEngine(
+        ServeArgs(model_path=str(tiny_model_dir), chat_template=CHATML, max_model_len=64)
+    )
+    assert engine.prompts.context_window == 64
+    with pytest.raises(RequestError, match="context window of 64"):
+        engine.prepare_chat([{"role": "user", "content": "hello world " * 40}])

@@ -56,3 +56,17 @@ def test_param_space_maps_every_distribution() -> None:
     assert space["lora_rank"].categories == [8, 16]
     assert (space["max_samples"].lower, space["max_samples"].upper) == (10, 21)
     assert 1e-5 <= space["learning_rate"].sample() <= 1e-3
+
+
+def test_eval_and_stage_metrics_are_tunable_when_reported() -> None:
+    config = _load(
+        "val_size=0.1", "eval_strategy=steps",
+        "tune={search_space: {lora_rank: {choice: [8]}}, metric: eval_loss}",
+    )
+    assert config.tune.metric == "eval_loss"
+    _load(
+        "stage=dpo", "dataset=dpo_en_demo",
+        "tune={search_space: {pref_beta: {choice: [0.1]}}, metric: rewards/accuracies, mode: max}",
+    )
+    with pytest.raises(ConfigError, match="`rewards/accuracies` is never reported"):
+        _load("tune={search_space: {lora_rank: {choice: [8]}}, metric: rewards/accuracies}")

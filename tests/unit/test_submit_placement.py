@@ -1,0 +1,68 @@
+"""Placement checks without Ray: missing resources, strict strategies, node-local storage."""
+
+from __future__ import annotations
+
+import pytest
+
+from configs import load_config
+from jobs.placement import node_local_storage, placement_problem, storage_problem, worker_resources
+
+ONE_GPU_NODES = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]
+
+
+def test_enough_resources_pass() -> None:
+    assert placement_problem({"GPU": 1}, num_workers=2, strategy="PACK", nodes=ONE_GPU_NODES) is None
+    assert placement_problem({"CPU": 0.5}, num_workers=3, strategy="SPREAD",
+                             nodes=[{"CPU": 1}, {"CPU": 1}]) is None
+
+
+def test_missing_resources_are_named() -> None:
+    problem = placement_problem({"CPU": 1, "GPU": 1}, num_workers=4, strategy="PACK",
+                                nodes=ONE_GPU_NODES)
+    assert problem is not None
+    assert "ray.num_workers=4" in problem and "missing GPU 2" in problem
+    assert "CPU" not in problem.split("missing")[1]
+
+
+def test_one_worker_must_fit_on_one_node() -> None:
+    problem = placement_problem({"GPU": 2}, num_workers=1, strategy="PACK", nodes=ONE_GPU_NODES)
+    assert problem is not None and "workers per node: [0, 0]" in problem
+
+
+@pytest.mark.parametrize(("strategy", "text"), [("STRICT_PACK", "one node"),
+                                                ("STRICT_SPREAD", "different nodes")])
+def test_strict_strategies(strategy: str, text: str) -> None:
+    nodes = [{"CPU": 2}, {"CPU": 2}]
+    problem = placement_problem({"CPU": 1}, num_workers=3, strategy=strategy, nodes=nodes)
+    assert problem is not None and text in problem
+    assert placement_problem({"CPU": 1}, num_workers=3, strategy="PACK", nodes=nodes) is None
+
+
+def test_worker_resources_follow_the_scaling_config() -> None:
+    config = load_config(None, ["model_name_or_path=m", "ray.use_gpu=true"])
+    assert worker_resources(config, cpus_per_worker=0.5) == {"CPU": 0.5, "GPU": 1.0}
+    config = load_config(None, ["model_name_or_path=m", "ray.resources_per_worker={GPU: 1}"])
+    assert worker_resources(config, cpus_per_worker=0.5) == {"GPU": 1.0}
+
+
+@pytest.mark.parametrize(("overrides", "local"), [
+    (["ray.storage_path=/tmp/ckpt"], "/tmp/ckpt"),
+    (["ray.storage_path=saves/ckpt"], "saves/ckpt"),
+    (["output_dir=/tmp/out"], "/tmp/out/ray"),
+    (["ray.storage_path=s3://bucket/ckpt", "output_dir=/tmp/out"], None),
+    (["ray.storage_path=/mnt/nfs/ckpt"], None),
+])
+def test_node_local_storage(overrides: list[str], local: str | None) -> None:
+    config = load_config(None, ["model_name_or_path=m", *overrides])
+    assert node_local_storage(config) == local
+
+
+def test_storage_problem_only_for_a_joined_multi_node_cluster() -> None:
+    local = load_config(None, ["model_name_or_path=m", "ray.storage_path=/tmp/ckpt"])
+    assert storage_problem(local, alive_nodes=3) is None  # private cluster: one disk
+    joined = load_config(None, ["model_name_or_path=m", "ray.storage_path=/tmp/ckpt",
+                                "ray.address=auto"])
+    assert storage_problem(joined, alive_nodes=1) is None
+    problem = storage_problem(joined, alive_nodes=2)
+    assert problem is not None and "ray.storage_path" in problem
+    assert "NFS" in problem and "s3://" in problem
