@@ -51,8 +51,10 @@ def stop_job(address: str | None, job_id: str) -> int:
     """Ask the cluster to stop a job; says whether it was still running."""
     client = connect(address)
     stopped = client.stop_job(job_id)
-    print(f"[rayft] {job_id}: {'stop requested' if stopped else 'was not running'} "
-          f"(status {client.get_job_status(job_id)})")
+    print(
+        f"[rayft] {job_id}: {'stop requested' if stopped else 'was not running'} "
+        f"(status {client.get_job_status(job_id)})"
+    )
     return 0
 
 

@@ -67,7 +67,9 @@ EXCLUDED_FILE_NAMES = frozenset({".gitignore", ".rayignore"})
 AGENT_WAIT_S = 90.0
 # Config keys holding local paths: inputs must exist, outputs are written by the job.
 INPUT_PATH_KEYS = (
-    ("model_name_or_path",), ("adapter_name_or_path",), ("dataset_dir",),
+    ("model_name_or_path",),
+    ("adapter_name_or_path",),
+    ("dataset_dir",),
     ("ray", "deepspeed_config"),
 )
 OUTPUT_PATH_KEYS = (("output_dir",), ("export_dir",), ("tokenized_path",), ("ray", "storage_path"))
@@ -206,8 +208,15 @@ def ship_config(
         if not value:
             continue
         parts = [
-            _ship_path(part.strip(), dotted=".".join(keys), is_output=is_output, root=root,
-                       cwd=cwd, uploaded=uploaded_paths, warnings=warnings)
+            _ship_path(
+                part.strip(),
+                dotted=".".join(keys),
+                is_output=is_output,
+                root=root,
+                cwd=cwd,
+                uploaded=uploaded_paths,
+                warnings=warnings,
+            )
             for part in str(value).split(",")
         ]
         section[keys[-1]] = ",".join(parts)
@@ -215,8 +224,14 @@ def ship_config(
 
 
 def _ship_path(
-    value: str, *, dotted: str, is_output: bool, root: Path, cwd: Path,
-    uploaded: set[str], warnings: list[str],
+    value: str,
+    *,
+    dotted: str,
+    is_output: bool,
+    root: Path,
+    cwd: Path,
+    uploaded: set[str],
+    warnings: list[str],
 ) -> str:
     if "://" in value:
         return value
@@ -363,8 +378,12 @@ def submit(
     cwd = Path.cwd()
     outputs = [
         _local(value, cwd)
-        for value in (config.output_dir, config.export_dir, config.tokenized_path,
-                      config.ray.storage_path)
+        for value in (
+            config.output_dir,
+            config.export_dir,
+            config.tokenized_path,
+            config.ray.storage_path,
+        )
         if value and "://" not in value
     ]
     plan = plan_upload(project_root, exclude=outputs)
@@ -437,8 +456,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     options = _options_parser().parse_intermixed_args([args.config, *args.rest])
     try:
         return submit(
-            options.config, options.overrides, address=options.address,
-            wait=not options.no_wait, dry_run=options.dry_run,
+            options.config,
+            options.overrides,
+            address=options.address,
+            wait=not options.no_wait,
+            dry_run=options.dry_run,
             local_checks=not options.skip_local_checks,
         )
     except (ConfigError, SubmitError) as err:
@@ -447,17 +469,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _options_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rayft submit", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rayft submit",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (shipped with the job)")
-    parser.add_argument("--address", help="http://head:8265, ray://head:10001 or head:6379 "
-                        "(default: RAY_ADDRESS, else the local cluster)")
+    parser.add_argument(
+        "--address",
+        help="http://head:8265, ray://head:10001 or head:6379 "
+        "(default: RAY_ADDRESS, else the local cluster)",
+    )
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
     parser.add_argument("--dry-run", action="store_true", help="show the upload, submit nothing")
-    parser.add_argument("--skip-local-checks", action="store_true",
-                        help="check only the schema here (model/data paths exist only on the "
-                        "cluster)")
+    parser.add_argument(
+        "--skip-local-checks",
+        action="store_true",
+        help="check only the schema here (model/data paths exist only on the cluster)",
+    )
     return parser
 
 
@@ -465,7 +495,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `rayft submit` on the CLI."""
     options = _options_parser()
     parser = sub.add_parser(
-        "submit", help="run a training config as a Ray job on a cluster",
+        "submit",
+        help="run a training config as a Ray job on a cluster",
         usage=options.format_usage().removeprefix("usage: "),
         description=options.format_help().split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -150,6 +150,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> list[ConfigProblem]:
 def _resolve_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[ConfigProblem]]:
     problems: list[ConfigProblem] = []
     out = dict(raw)
+    init_kwargs = out.get("ray_init_kwargs")
+    if isinstance(init_kwargs, dict) and set(init_kwargs) == {"runtime_env"}:
+        # LLaMA-Factory's `ray_init_kwargs: {runtime_env: …}` is `ray.runtime_env`; any other
+        # ray.init argument stays an unsupported key (reported by `_unknown_keys`).
+        ray_section = dict(out.get("ray") or {})
+        if "runtime_env" in ray_section:
+            problems.append(ConfigProblem("ray_init_kwargs", "conflicts with `ray.runtime_env`"))
+        ray_section["runtime_env"] = out.pop("ray_init_kwargs")["runtime_env"]
+        out["ray"] = ray_section
     for alias, (section, field) in ALIASES.items():
         if alias not in out:
             continue

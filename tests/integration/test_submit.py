@@ -70,21 +70,31 @@ def head() -> Iterator[dict]:
     temp_dir = tempfile.mkdtemp(prefix="rftsub")
     token = uuid.uuid4().hex
     env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_USAGE_STATS_ENABLED="0",
-               # On a busy machine the dashboard agent can take longer than the 30 s default.
-               RAY_agent_register_timeout_ms="180000")
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_USAGE_STATS_ENABLED="0",
+        # On a busy machine the dashboard agent can take longer than the 30 s default.
+        RAY_agent_register_timeout_ms="180000",
+    )
     # The job's `python` must be this interpreter (the venv may not be on PATH).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     dashboard = _free_port()
     command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head",
-        "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={_free_port()}", "--num-cpus=2",
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_free_port()}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={_free_port()}",
+        "--num-cpus=2",
         # The job agent's HTTP port (default 52365) may belong to another Ray on this host.
         f"--dashboard-agent-listen-port={_free_port()}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
     ]
     try:
         started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -108,7 +118,11 @@ def head() -> Iterator[dict]:
 
 def _rayft(head: dict, *args: str, env: dict | None = None, timeout: float = 120):
     return subprocess.run(
-        [*RAYFT, *args], cwd=ROOT, env=env or head["env"], capture_output=True, text=True,
+        [*RAYFT, *args],
+        cwd=ROOT,
+        env=env or head["env"],
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -146,8 +160,9 @@ def test_submit_logs_list_stop(head: dict, tiny_model_dir: Path, tmp_path: Path)
 
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(head["url"], headers={
-        "Authorization": f"Bearer {head['env']['RAY_AUTH_TOKEN']}"})
+    client = JobSubmissionClient(
+        head["url"], headers={"Authorization": f"Bearer {head['env']['RAY_AUTH_TOKEN']}"}
+    )
     submitted = _rayft(head, "submit", str(config), *address, "--no-wait", "max_steps=1")
     assert submitted.returncode == 0, submitted.stderr + submitted.stdout
     assert "uploading" in submitted.stdout and ".git/" in submitted.stdout
@@ -168,8 +183,15 @@ def test_submit_logs_list_stop(head: dict, tiny_model_dir: Path, tmp_path: Path)
     assert listing.returncode == 0 and job_id in listing.stdout and "SUCCEEDED" in listing.stdout
 
     # A job that would run for long is stopped.
-    second = _rayft(head, "submit", str(config), *address, "--no-wait", "max_steps=100000",
-                    f"output_dir={tmp_path / 'long'}")
+    second = _rayft(
+        head,
+        "submit",
+        str(config),
+        *address,
+        "--no-wait",
+        "max_steps=100000",
+        f"output_dir={tmp_path / 'long'}",
+    )
     assert second.returncode == 0, second.stderr
     long_id = second.stdout.strip().splitlines()[-1]
     stop = _rayft(head, "jobs", "stop", long_id, *address)

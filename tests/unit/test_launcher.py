@@ -43,7 +43,8 @@ def test_launcher_yaml_matches_rays_schema(path: Path) -> None:
 def test_cloud_examples_offer_gpu_worker_types(name: str) -> None:
     config = yaml.safe_load((LAUNCHER / f"{name}.yaml").read_text())
     gpu_types = {
-        node: spec for node, spec in config["available_node_types"].items()
+        node: spec
+        for node, spec in config["available_node_types"].items()
         if spec["resources"].get("GPU", 0) > 0
     }
     assert len(gpu_types) >= 2  # a one-GPU and a multi-GPU shape

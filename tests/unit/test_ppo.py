@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from configs import ConfigError
+from configs import ConfigError, RayftConfig
 from jobs.losses import masked_mean
 from jobs.ppo.rewards import (
     RewardError,
@@ -30,14 +30,16 @@ from jobs.ppo.rollout import (
     AdaptiveKLController,
     Rollout,
     RunningMoments,
+    SamplingSettings,
     concat_rollouts,
+    generate_rollout,
     kl_penalised_rewards,
     left_pad,
     mask_after_eos,
     response_logps,
     response_values,
 )
-from jobs.ppo.worker import rollout_steps
+from jobs.ppo.worker import _reference, rollout_steps
 from jobs.preflight import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +87,39 @@ def test_rollout_logps_reproduce_generation_with_left_padding(tiny_model_dir: Pa
         partial = response_logps(model, masked, temperature=0.0)
     assert (partial[1, 2:] == 0).all()
     torch.testing.assert_close(partial[0], sampled[0], atol=1e-4, rtol=1e-4)
+
+
+def test_generated_rollouts_group_repeats_and_stop_at_eos(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    settings = SamplingSettings(
+        max_new_tokens=5, temperature=0.0, top_p=1.0, top_k=0, eos_ids=(EOS,), pad_id=PAD
+    )
+    rollout = generate_rollout(model, [[20, 21, 22], [30]], settings=settings, repeats=2)
+    assert model.training  # generation switches to eval and back
+    assert rollout.prompts() == [[20, 21, 22], [20, 21, 22], [30], [30]]
+    completions = rollout.completions()
+    assert completions[0] == completions[1] and completions[2] == completions[3]  # greedy
+    for ids in completions:
+        assert 1 <= len(ids) <= 5 and EOS not in ids[:-1]
+
+
+def test_full_finetuning_reference_is_a_frozen_copy_of_the_base(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = RayftConfig(
+        model_name_or_path=str(tiny_model_dir), finetuning_type="full", output_dir=str(tmp_path),
+    )
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        policy.lm_head.weight.add_(1.0)  # the trained policy moved away from the base
+    reference, context = _reference(config, policy, dtype=torch.float32)
+    assert reference is not policy and not any(p.requires_grad for p in reference.parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids, mask = left_pad([[20, 21]], PAD)
+    rollout = Rollout(ids, mask, torch.tensor([[40, 41]]), torch.ones(1, 2, dtype=torch.bool))
+    with torch.no_grad(), context():
+        torch.testing.assert_close(
+            response_logps(reference, rollout, temperature=0.0),
+            response_logps(base, rollout, temperature=0.0),
+        )
 
 
 def test_temperature_scales_the_logits(tiny_model_dir: Path) -> None:

@@ -25,9 +25,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def _project(tmp_path: Path) -> Path:
     root = tmp_path / "proj"
     for relative, size in {
-        "jobs/train.py": 10, "jobs/__pycache__/train.cpython-311.pyc": 10,
-        "data/small.json": 100, "data/huge.json": 3000, ".git/HEAD": 5, ".venv/bin/python": 5,
-        "saves/run/adapter.safetensors": 50, "outs/model.bin": 20, "pkg.egg-info/PKG-INFO": 5,
+        "jobs/train.py": 10,
+        "jobs/__pycache__/train.cpython-311.pyc": 10,
+        "data/small.json": 100,
+        "data/huge.json": 3000,
+        ".git/HEAD": 5,
+        ".venv/bin/python": 5,
+        "saves/run/adapter.safetensors": 50,
+        "outs/model.bin": 20,
+        "pkg.egg-info/PKG-INFO": 5,
     }.items():
         path = root / relative
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +54,9 @@ def test_plan_upload_leaves_out_vcs_envs_outputs_and_large_files(tmp_path: Path)
     assert "uploading 2 files" in summary and "data/huge.json" in summary
     staged = stage_upload(plan, tmp_path / "stage")
     assert sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()) == [
-        "data/small.json", "jobs/train.py"]
+        "data/small.json",
+        "jobs/train.py",
+    ]
 
 
 def test_the_real_project_stays_far_under_the_upload_limit() -> None:
@@ -63,11 +71,17 @@ def test_shipped_config_paths_and_address(tmp_path: Path) -> None:
     root = _project(tmp_path)
     elsewhere = tmp_path / "models" / "base"
     elsewhere.mkdir(parents=True)
-    config = load_config(None, [
-        f"model_name_or_path={elsewhere}", "dataset_dir=data", "output_dir=saves/run",
-        "ray.storage_path=s3://bucket/ckpt", "ray.address=ray://head:10001",
-        "ray.runtime_env={env_vars: {HF_HOME: /cache}}",
-    ])
+    config = load_config(
+        None,
+        [
+            f"model_name_or_path={elsewhere}",
+            "dataset_dir=data",
+            "output_dir=saves/run",
+            "ray.storage_path=s3://bucket/ckpt",
+            "ray.address=ray://head:10001",
+            "ray.runtime_env={env_vars: {HF_HOME: /cache}}",
+        ],
+    )
     shipped, warnings = ship_config(config, root=root, cwd=root, uploaded=["data/small.json"])
     assert shipped["ray"]["address"] == "auto"  # the job joins the cluster it runs on
     assert shipped["dataset_dir"] == "data"  # relative to the upload's root (= config's folder)
@@ -104,9 +118,10 @@ def test_auth_token_lookup_order(tmp_path: Path) -> None:
     file = tmp_path / "token"
     file.write_text("from-file")
     assert read_auth_token({"RAY_AUTH_TOKEN_PATH": str(file)}, home=home) == "from-file"
-    assert read_auth_token(
-        {"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(file)}, home=home
-    ) == "from-env"
+    assert (
+        read_auth_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(file)}, home=home)
+        == "from-env"
+    )
     with pytest.raises(SubmitError, match="RAY_AUTH_TOKEN_PATH"):
         read_auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, home=home)
 
@@ -115,10 +130,14 @@ def test_runtime_env_and_placement_keys_are_validated() -> None:
     config = load_config(None, ["model_name_or_path=m", "placement_strategy=SPREAD"])
     assert config.ray.placement_strategy == "SPREAD"  # LLaMA-Factory's top-level key
     with pytest.raises(ConfigError) as err:
-        load_config(None, [
-            "model_name_or_path=m", "ray.placement_strategy=EVERYWHERE",
-            "ray.runtime_env={working_dir: .}",
-        ])
+        load_config(
+            None,
+            [
+                "model_name_or_path=m",
+                "ray.placement_strategy=EVERYWHERE",
+                "ray.runtime_env={working_dir: .}",
+            ],
+        )
     text = str(err.value)
     assert "ray.placement_strategy" in text and "ray.runtime_env" in text
     assert "working_dir is set by `rayft submit`" in text
@@ -133,8 +152,18 @@ def test_cli_dry_run_takes_options_and_overrides_in_any_order(
 ) -> None:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model_name_or_path": "Qwen/Qwen2.5-0.5B", "dataset": "x"}))
-    code = cli.main(["submit", str(config), "--dry-run", "max_steps=3", "--skip-local-checks",
-                     "--address", "http://127.0.0.1:1", "ray.num_workers=2"])
+    code = cli.main(
+        [
+            "submit",
+            str(config),
+            "--dry-run",
+            "max_steps=3",
+            "--skip-local-checks",
+            "--address",
+            "http://127.0.0.1:1",
+            "ray.num_workers=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"python -m jobs.train {SHIPPED_CONFIG}" in out
@@ -150,3 +179,13 @@ def test_cli_reports_config_problems_before_uploading(
     assert cli.main(["submit", str(config), "--skip-local-checks"]) == 1
     captured = capsys.readouterr()
     assert "lora_rank" in captured.err and "uploading" not in captured.out
+
+
+def test_llamafactory_ray_init_kwargs_runtime_env_maps_to_ray_runtime_env() -> None:
+    config = load_config(
+        None,
+        ["model_name_or_path=m", "ray_init_kwargs={runtime_env: {env_vars: {A: b}, pip: [emoji]}}"],
+    )
+    assert config.ray.runtime_env == {"env_vars": {"A": "b"}, "pip": ["emoji"]}
+    with pytest.raises(ConfigError, match="ray_init_kwargs"):
+        load_config(None, ["model_name_or_path=m", "ray_init_kwargs={num_cpus: 4}"])

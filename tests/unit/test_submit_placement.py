@@ -11,14 +11,21 @@ ONE_GPU_NODES = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]
 
 
 def test_enough_resources_pass() -> None:
-    assert placement_problem({"GPU": 1}, num_workers=2, strategy="PACK", nodes=ONE_GPU_NODES) is None
-    assert placement_problem({"CPU": 0.5}, num_workers=3, strategy="SPREAD",
-                             nodes=[{"CPU": 1}, {"CPU": 1}]) is None
+    assert (
+        placement_problem({"GPU": 1}, num_workers=2, strategy="PACK", nodes=ONE_GPU_NODES) is None
+    )
+    assert (
+        placement_problem(
+            {"CPU": 0.5}, num_workers=3, strategy="SPREAD", nodes=[{"CPU": 1}, {"CPU": 1}]
+        )
+        is None
+    )
 
 
 def test_missing_resources_are_named() -> None:
-    problem = placement_problem({"CPU": 1, "GPU": 1}, num_workers=4, strategy="PACK",
-                                nodes=ONE_GPU_NODES)
+    problem = placement_problem(
+        {"CPU": 1, "GPU": 1}, num_workers=4, strategy="PACK", nodes=ONE_GPU_NODES
+    )
     assert problem is not None
     assert "ray.num_workers=4" in problem and "missing GPU 2" in problem
     assert "CPU" not in problem.split("missing")[1]
@@ -29,8 +36,9 @@ def test_one_worker_must_fit_on_one_node() -> None:
     assert problem is not None and "workers per node: [0, 0]" in problem
 
 
-@pytest.mark.parametrize(("strategy", "text"), [("STRICT_PACK", "one node"),
-                                                ("STRICT_SPREAD", "different nodes")])
+@pytest.mark.parametrize(
+    ("strategy", "text"), [("STRICT_PACK", "one node"), ("STRICT_SPREAD", "different nodes")]
+)
 def test_strict_strategies(strategy: str, text: str) -> None:
     nodes = [{"CPU": 2}, {"CPU": 2}]
     problem = placement_problem({"CPU": 1}, num_workers=3, strategy=strategy, nodes=nodes)
@@ -45,13 +53,16 @@ def test_worker_resources_follow_the_scaling_config() -> None:
     assert worker_resources(config, cpus_per_worker=0.5) == {"GPU": 1.0}
 
 
-@pytest.mark.parametrize(("overrides", "local"), [
-    (["ray.storage_path=/tmp/ckpt"], "/tmp/ckpt"),
-    (["ray.storage_path=saves/ckpt"], "saves/ckpt"),
-    (["output_dir=/tmp/out"], "/tmp/out/ray"),
-    (["ray.storage_path=s3://bucket/ckpt", "output_dir=/tmp/out"], None),
-    (["ray.storage_path=/mnt/nfs/ckpt"], None),
-])
+@pytest.mark.parametrize(
+    ("overrides", "local"),
+    [
+        (["ray.storage_path=/tmp/ckpt"], "/tmp/ckpt"),
+        (["ray.storage_path=saves/ckpt"], "saves/ckpt"),
+        (["output_dir=/tmp/out"], "/tmp/out/ray"),
+        (["ray.storage_path=s3://bucket/ckpt", "output_dir=/tmp/out"], None),
+        (["ray.storage_path=/mnt/nfs/ckpt"], None),
+    ],
+)
 def test_node_local_storage(overrides: list[str], local: str | None) -> None:
     config = load_config(None, ["model_name_or_path=m", *overrides])
     assert node_local_storage(config) == local
@@ -60,8 +71,9 @@ def test_node_local_storage(overrides: list[str], local: str | None) -> None:
 def test_storage_problem_only_for_a_joined_multi_node_cluster() -> None:
     local = load_config(None, ["model_name_or_path=m", "ray.storage_path=/tmp/ckpt"])
     assert storage_problem(local, alive_nodes=3) is None  # private cluster: one disk
-    joined = load_config(None, ["model_name_or_path=m", "ray.storage_path=/tmp/ckpt",
-                                "ray.address=auto"])
+    joined = load_config(
+        None, ["model_name_or_path=m", "ray.storage_path=/tmp/ckpt", "ray.address=auto"]
+    )
     assert storage_problem(joined, alive_nodes=1) is None
     problem = storage_problem(joined, alive_nodes=2)
     assert problem is not None and "ray.storage_path" in problem
