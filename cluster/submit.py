@@ -346,6 +346,7 @@ def submit(
     dry_run: bool = False,
     local_checks: bool = True,
     project_root: Path = PROJECT_ROOT,
+    sweep: bool = False,
 ) -> int:
     """Validate, stage, submit and (by default) follow a training job.
 
@@ -359,6 +360,7 @@ def submit(
         local_checks: also run the dataset/model checks here (turn off when those paths exist
             only on the cluster); the schema is always checked.
         project_root: the folder uploaded as the job's working directory.
+        sweep: run `jobs.tune` (the config's `tune:` sweep) instead of `jobs.train`.
 
     Returns:
         0 when the job succeeded (or was submitted with wait=False), 1 otherwise.
@@ -367,14 +369,16 @@ def submit(
         ConfigError: the config is invalid.
         SubmitError: the upload is too large, the cluster is unreachable or wants a token.
     """
+    from configs import load_config
+    from jobs.tune import check_tune
+
+    extra = (check_tune,) if sweep else ()
     if local_checks:
-        from jobs.preflight import load_run_config
+        from jobs.preflight import TRAIN_CHECKS
 
-        config = load_run_config(config_path, overrides)
+        config = load_config(config_path, overrides, checks=(*TRAIN_CHECKS, *extra))
     else:
-        from configs import load_config
-
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides, checks=extra)
     cwd = Path.cwd()
     outputs = [
         _local(value, cwd)
@@ -398,7 +402,7 @@ def submit(
     )
     for warning in warnings:
         print(f"[rayft] warning: {warning}", file=sys.stderr, flush=True)
-    entrypoint = f"python -m jobs.train {SHIPPED_CONFIG}"
+    entrypoint = f"python -m {'jobs.tune' if sweep else 'jobs.train'} {SHIPPED_CONFIG}"
     if dry_run:
         print(f"[rayft] would run `{entrypoint}` with:\n{yaml.safe_dump(shipped, sort_keys=False)}")
         return 0
@@ -462,6 +466,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             wait=not options.no_wait,
             dry_run=options.dry_run,
             local_checks=not options.skip_local_checks,
+            sweep=options.tune,
         )
     except (ConfigError, SubmitError) as err:
         print(f"rayft: {err}", file=sys.stderr)
@@ -483,6 +488,9 @@ def _options_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
     parser.add_argument("--dry-run", action="store_true", help="show the upload, submit nothing")
+    parser.add_argument(
+        "--tune", action="store_true", help="run the config's `tune:` sweep (jobs.tune)"
+    )
     parser.add_argument(
         "--skip-local-checks",
         action="store_true",

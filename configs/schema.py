@@ -178,7 +178,11 @@ class TuneSection(_Strict):
         "`{uniform: [a, b]}`, `{randint: [a, b]}`."
     )
     num_samples: int = Field(1, ge=1, description="Samples drawn (grid values repeat per sample).")
-    metric: str = Field("loss", description="Reported metric the sweep optimises.")
+    metric: str | None = Field(
+        None,
+        description="Reported metric the sweep optimises; default eval_loss when the run "
+        "evaluates (val_size / eval_dataset), else loss.",
+    )
     mode: Literal["min", "max"] = Field("min", description="Minimise or maximise `metric`.")
     scheduler: Literal["asha", "pbt", "none"] = Field("asha", description="Trial scheduler.")
     search_alg: Literal["random", "optuna"] = Field("random", description="How points are drawn.")
@@ -689,6 +693,13 @@ class RayftConfig(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def tune_metric(self) -> str:
+        """`tune.metric`, or its default: eval_loss when the run evaluates, else loss."""
+        if self.tune is not None and self.tune.metric:
+            return self.tune.metric
+        return "eval_loss" if self.eval_strategy != "no" else "loss"
 
     @property
     def eval_dataset_names(self) -> list[str]:

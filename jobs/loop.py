@@ -113,7 +113,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
         if stage.uses_reference(config) else None
     )
     step_context = StepContext(model=model, reference=reference, config=config, world=world)
-    _write_strategy_stats(Path(config.output_dir), strategy, rank=rank)
+    write_strategy_stats(Path(config.output_dir), strategy, rank=rank)
     warmup = config.warmup_steps or math.ceil(plan.total_steps * config.warmup_ratio)
     scheduler = get_scheduler(
         config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
@@ -121,7 +121,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     )
     # A restarted worker group gets the run's latest checkpoint from Ray Train; a new run into
     # an output_dir with checkpoints starts from the one the driver found.
-    checkpoint = _pick_checkpoint(ray.train.get_checkpoint(), plan)
+    checkpoint = pick_checkpoint(ray.train.get_checkpoint(), plan)
     state = _resume(checkpoint, strategy, scheduler)
     step, skip_micro = state["step"], state["micro_in_epoch"]
     start_epoch = state["epoch"]
@@ -158,7 +158,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
                 "current_steps": step,
                 "total_steps": plan.total_steps,
                 "loss": round(sum(losses_since_log) / len(losses_since_log), 4),
-                **_mean_metrics(metrics_since_log),
+                **mean_metrics(metrics_since_log),
                 **{name: round(value, 4) for name, value in evaluated.items()},
                 "lr": scheduler.get_last_lr()[0],
                 "epoch": round(epoch + micro_index / plan.micro_per_epoch, 2),
@@ -167,7 +167,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
             losses_since_log.clear()
             metrics_since_log.clear()
             if rank == 0:
-                _write_log(log_path, record, tracker)
+                write_log(log_path, record, tracker)
         reported = {"loss": result.loss, "step": step, **result.metrics, **last_eval}
         if step % config.save_steps == 0 or done:
             _report_checkpoint(
@@ -213,7 +213,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
             done = after_step(result, micro_index)
         epoch += 1
         skip_micro = 0
-    _save_final(strategy, tokenizer, config, rank=rank, losses=all_losses, started=started)
+    save_final(strategy, tokenizer, config, rank=rank, losses=all_losses, started=started)
     if rank == 0:
         if tracker is not None:
             tracker.close()
@@ -346,7 +346,7 @@ def _optimizer_step(
     return StepResult(loss=values[0] / denominator, metrics=metrics)
 
 
-def _mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
+def mean_metrics(window: list[dict[str, float]]) -> dict[str, float]:
     """Per-metric mean over the steps since the last log line (rounded for the log)."""
     names = sorted({name for metrics in window for name in metrics})
     return {
@@ -383,7 +383,7 @@ def _report_checkpoint(
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}")
 
 
-def _pick_checkpoint(registered: Any, plan: LoopPlan) -> Any:
+def pick_checkpoint(registered: Any, plan: LoopPlan) -> Any:
     """The newest checkpoint to resume from: the one Ray Train registered, or a newer complete
     one in the run's local storage (Ray registers a checkpoint only once it has every rank's
     report; a rank that died right after writing its shard leaves it stored but unregistered),
@@ -415,13 +415,13 @@ def _resume(checkpoint: Any, strategy: Any, scheduler: Any) -> dict[str, int]:
     return state
 
 
-def _write_strategy_stats(output_dir: Path, strategy: Any, *, rank: int) -> None:
+def write_strategy_stats(output_dir: Path, strategy: Any, *, rank: int) -> None:
     """`strategy_rank<N>.json`: the strategy and how many parameter elements this rank holds."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"strategy_rank{rank}.json").write_text(json.dumps(strategy.describe()))
 
 
-def _write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
+def write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     elapsed = record["elapsed_time"]
@@ -437,7 +437,7 @@ def _write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
     tracker.log({k: v for k, v in record.items() if k not in skip}, done)
 
 
-def _save_final(
+def save_final(
     strategy: Any, tokenizer: Any, config: RayftConfig, *, rank: int, losses: list[float],
     started: float,
 ) -> None:

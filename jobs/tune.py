@@ -58,11 +58,11 @@ def check_tune(config: RayftConfig) -> list[ConfigProblem]:
                 ConfigProblem(f"tune.search_space.{key}", f"is not a training key{hint}")
             )
     reported = reported_metrics(config)
-    if config.tune.metric not in reported:
+    if config.tune_metric not in reported:
         problems.append(
             ConfigProblem(
                 "tune.metric",
-                f"`{config.tune.metric}` is never reported; this run reports "
+                f"`{config.tune_metric}` is never reported; this run reports "
                 f"{', '.join(reported)} (eval_* metrics need val_size or eval_dataset with "
                 "eval_strategy)",
             )
@@ -149,7 +149,7 @@ def run_sweep(config: RayftConfig, *, total_cpus: float, resume: bool) -> Path:
             trainable,
             param_space=param_space(config),
             tune_config=tune.TuneConfig(
-                metric=settings.metric,
+                metric=config.tune_metric,
                 mode=settings.mode,
                 num_samples=settings.num_samples,
                 max_concurrent_trials=settings.max_concurrent_trials,
@@ -162,7 +162,7 @@ def run_sweep(config: RayftConfig, *, total_cpus: float, resume: bool) -> Path:
     rows = _results_table(grid, config)
     _write_table(rows, output_dir / "tune_results.csv")
     _plot_curves(grid, config, output_dir / "tune_curves.png")
-    best = grid.get_best_result(metric=settings.metric, mode=settings.mode, scope="all")
+    best = grid.get_best_result(metric=config.tune_metric, mode=settings.mode, scope="all")
     return _export_best(best, config, output_dir / "best")
 
 
@@ -206,7 +206,7 @@ def _search_alg(config: RayftConfig) -> Any:
 
 def _results_table(grid: Any, config: RayftConfig) -> list[dict[str, Any]]:
     assert config.tune is not None
-    metric = config.tune.metric
+    metric = config.tune_metric
     rows = []
     for result in grid:
         frame = result.metrics_dataframe
@@ -259,7 +259,7 @@ def _plot_curves(grid: Any, config: RayftConfig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     assert config.tune is not None
-    metric = config.tune.metric
+    metric = config.tune_metric
     figure, axis = plt.subplots(figsize=(7, 4))
     for result in grid:
         frame = result.metrics_dataframe

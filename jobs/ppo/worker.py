@@ -244,11 +244,11 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
 
     from jobs.loop import (
         LoopPlan,
-        _mean_metrics,
-        _pick_checkpoint,
-        _save_final,
-        _write_log,
-        _write_strategy_stats,
+        mean_metrics,
+        pick_checkpoint,
+        save_final,
+        write_log,
+        write_strategy_stats,
     )
     from jobs.model import build_trainable_model, load_tokenizer, training_dtype
     from jobs.stages.rm import reward_pad_id
@@ -285,8 +285,8 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
         kl_control=AdaptiveKLController(value=INIT_KL_COEF, target=config.ppo_target),
         score_moments=RunningMoments(),
     )
-    _write_strategy_stats(Path(config.output_dir), policy.strategy, rank=rank)
-    state = _resume(_pick_checkpoint(ray.train.get_checkpoint(), plan), session)
+    write_strategy_stats(Path(config.output_dir), policy.strategy, rank=rank)
+    state = _resume(pick_checkpoint(ray.train.get_checkpoint(), plan), session)
     step = state["step"]
     stream = _prompt_stream(
         ray.train.get_dataset_shard("train"), config, start_epoch=state["epoch"],
@@ -318,14 +318,14 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
         done = step >= total_steps
         if step % config.logging_steps == 0 or done:
             record = {
-                "current_steps": step, "total_steps": total_steps, **_mean_metrics(since_log),
+                "current_steps": step, "total_steps": total_steps, **mean_metrics(since_log),
                 "lr": policy.scheduler.get_last_lr()[0],
                 "epoch": round(epoch + micro_index / plan.micro_per_epoch, 2),
                 "elapsed_time": round(time.time() - started, 1),
             }
             since_log.clear()
             if rank == 0:
-                _write_log(log_path, record, tracker)
+                write_log(log_path, record, tracker)
         reported = {**metrics, "step": step}
         if step % config.save_steps == 0 or done:
             _report_checkpoint(
@@ -334,7 +334,7 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
             )
         elif step % config.logging_steps == 0:
             ray.train.report(reported)
-    _save_final(policy.strategy, tokenizer, config, rank=rank, losses=losses, started=started)
+    save_final(policy.strategy, tokenizer, config, rank=rank, losses=losses, started=started)
     if value is not None:
         value.strategy.save_adapter(Path(config.output_dir) / "value_model", rank=rank)
     if tracker is not None:

@@ -17,7 +17,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-from test_serve import (  # noqa: F401  (session fixtures shared with this module)
+
+from tests.integration.test_serve import (  # noqa: F401  (session fixtures shared with this module)
     FILE_KEY,
     MESSAGES,
     WEATHER_TOOL,

@@ -18,10 +18,11 @@ import urllib.request
 import pytest
 from openai import OpenAI
 
-# The module pytest itself loaded (tests/integration has no __init__.py, so pytest imports it
-# as `test_serve`): importing it as `tests.integration.test_serve` would make a second copy
-# whose fixtures could not see that the servers are already running.
-from test_serve import (  # noqa: F401  (session fixtures shared with this module)
+from serve import TransformersEngine
+
+# The same module object pytest loaded (tests/integration is a package): a second copy's
+# fixtures could not see that the servers are already running.
+from tests.integration.test_serve import (  # noqa: F401  (session fixtures shared with this module)
     GREEDY,
     MESSAGES,
     adapter_dir,
@@ -35,8 +36,6 @@ from test_serve import (  # noqa: F401  (session fixtures shared with this modul
     tool_model_dir,
     urls,
 )
-
-from serve import TransformersEngine
 
 pytestmark = pytest.mark.ray
 

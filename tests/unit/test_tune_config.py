@@ -70,3 +70,11 @@ def test_eval_and_stage_metrics_are_tunable_when_reported() -> None:
     )
     with pytest.raises(ConfigError, match="`rewards/accuracies` is never reported"):
         _load("tune={search_space: {lora_rank: {choice: [8]}}, metric: rewards/accuracies}")
+
+
+def test_default_metric_is_eval_loss_when_the_run_evaluates() -> None:
+    evaluating = _load("val_size=0.1", "eval_strategy=steps",
+                       "tune={search_space: {lora_rank: {choice: [8]}}}")
+    assert evaluating.tune.metric is None and evaluating.tune_metric == "eval_loss"
+    plain = _load("tune={search_space: {lora_rank: {choice: [8]}}}")
+    assert plain.tune_metric == "loss"
