@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rayft-installed
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup demo test test-slow lint format clean
 
 $(STAMP): pyproject.toml
 	@start=$$(date +%s); \
@@ -31,7 +31,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
+
+test-slow: lint    # the extra Ray runs kept out of CI's 30-minute budget
+	$(PY) -m pytest -q -m slow
 
 format: setup
 	$(VENV)/bin/ruff format .

@@ -111,6 +111,7 @@ def test_checkpoint_holds_the_whole_model_and_optimizer(run) -> None:
     assert (checkpoint / "optimizer.pt").is_file()
 
 
+@pytest.mark.slow
 def test_full_resume_reproduces_the_loss(run, tiny_model_dir: Path) -> None:
     """Restart from the step-2 checkpoint alone: step 3 reproduces the uninterrupted loss."""
     full_dir = run("full")
@@ -133,6 +134,7 @@ def test_full_resume_reproduces_the_loss(run, tiny_model_dir: Path) -> None:
         torch.testing.assert_close(final[name], reference[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["full_zero3", "full_fsdp"])
 def test_sharded_strategies_gather_the_whole_model(run, name: str) -> None:
     reference = _weights(run("full"))

@@ -19,6 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,6 +96,7 @@ def _kill_session_of(pid: int) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_two_workers_spread_over_two_nodes(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "multinode.yaml"
     config.write_text(

@@ -124,6 +124,7 @@ def test_ppo_checkpoint_holds_policy_value_and_kl_state(trained) -> None:
     assert state["step"] == 2 and state["kl_coef"] > 0 and state["score_moments"]["count"] >= 1
 
 
+@pytest.mark.slow
 def test_ppo_resumes_from_its_checkpoint(trained) -> None:
     """A longer run into the same output_dir continues from checkpoint-2 (models, optimizers,
     KL coefficient) and logs only the new step."""

@@ -95,7 +95,14 @@ def _log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+SLOW = {"orpo", "pt_full", "rm_full", "kto_full"}  # same code paths as runs kept in CI
+
+
+def _cases(names: list[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
+
+
+@pytest.mark.parametrize("name", _cases(list(RUNS)))
 def test_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
@@ -122,7 +129,7 @@ def test_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Path) -> N
         assert out.shape == (1, 1)
 
 
-@pytest.mark.parametrize("name", list(FULL_RUNS))
+@pytest.mark.parametrize("name", _cases(list(FULL_RUNS)))
 def test_full_finetuning_stage_trains_every_weight_and_reloads(
     name: str, trained, tiny_model_dir: Path
 ) -> None:
