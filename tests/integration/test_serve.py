@@ -1,7 +1,8 @@
 """The OpenAI server on a real local Ray cluster, driven by the official `openai` client.
 
-One private Ray cluster and one Serve instance for this module, test_serve_stream.py and
-test_serve_errors.py (which import these fixtures), with four applications on the same
+One Serve instance on the session's private Ray cluster for this module, test_serve_chunks.py
+and test_serve_errors.py (which import these fixtures; they are collected right after this
+module), with four applications on the same
 127.0.0.1 proxy: the tiny base model at ``/``, base + a LoRA adapter at ``/lora`` (plus a second
 adapter served under its own name: multi-LoRA), the base model behind API keys and request
 limits at ``/secure``, and at ``/tools`` a tiny model taught to call a tool, served with the qwen
@@ -28,7 +29,6 @@ import openai
 import pytest
 from openai import OpenAI
 
-from jobs.runtime import local_ray
 from serve import ServeArgs, TransformersEngine, run_server
 from serve.engine import ChatTemplateMissingError
 
@@ -219,20 +219,21 @@ def secure_args(base_args: ServeArgs, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def urls(
     request: pytest.FixtureRequest,
+    ray_cluster: float,
     base_args: ServeArgs,
     lora_args: ServeArgs,
     secure_args: ServeArgs,
     tool_args: ServeArgs,
 ) -> Iterator[dict[str, str]]:
-    """Base URLs of all applications, served from one private Ray cluster.
+    """Base URLs of all applications, served on the session's private Ray cluster.
 
-    test_serve_stream.py imports this fixture, so each module has its own copy: a copy reuses
-    the running servers (`_RUNNING`), and the last module of the session that needs them shuts
-    them down, so that later test modules get their CPUs back.
+    test_serve_chunks.py and test_serve_errors.py import this fixture, so each module has its
+    own copy: a copy reuses the running applications (`_RUNNING`), and the last module of a run
+    of modules that need them shuts Serve down, so that the next module gets the CPUs back and
+    can start Serve with its own settings.
     """
     if not _RUNNING:
         _RUNNING["stack"] = stack = contextlib.ExitStack()
-        stack.enter_context(local_ray(num_cpus=2))
         stack.callback(_serve_shutdown)
         # The first run_server starts Serve's proxy on base_args.port; later ones reuse it.
         _RUNNING["urls"] = {
@@ -244,7 +245,7 @@ def urls(
     try:
         yield _RUNNING["urls"]
     finally:
-        if not _needed_later(request):
+        if not _next_module_needs_them(request):
             _RUNNING.pop("stack").close()
             _RUNNING.clear()
 
@@ -255,11 +256,14 @@ def _serve_shutdown() -> None:
     serve.shutdown()
 
 
-def _needed_later(request: pytest.FixtureRequest) -> bool:
-    """Whether a test collected after this module still uses the servers."""
+def _next_module_needs_them(request: pytest.FixtureRequest) -> bool:
+    """Whether the test collected right after this module uses the running applications.
+
+    Only the very next test counts: a module in between may start Serve with other settings.
+    """
     items = request.session.items
     last = max(i for i, item in enumerate(items) if item.module is request.module)
-    return any("urls" in getattr(item, "fixturenames", ()) for item in items[last + 1 :])
+    return last + 1 < len(items) and "urls" in getattr(items[last + 1], "fixturenames", ())
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Shares the session's Ray cluster and applications with test_serve.py (its fixtur
 below). Streamed answers are checked against the non-streamed ones and against
 `TransformersEngine` in this process: streaming must change how text arrives, never what it is.
 
-Run: ``python -m pytest tests/integration/test_serve_stream.py -x -q``
+Run: ``python -m pytest tests/integration/test_serve_chunks.py -x -q``
 """
 
 # F811: the tests take the imported session fixtures as parameters, as pytest injects them.
