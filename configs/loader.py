@@ -23,9 +23,8 @@ from configs.schema import RayftConfig
 UNSUPPORTED_KEYS: frozenset[str] = frozenset(
     """
     fsdp
-    neat_packing streaming buffer_size   do_eval
-    do_predict     mix_strategy
-    interleave_probs
+    streaming buffer_size   do_eval
+    do_predict
     shift_attn use_unsloth enable_liger_kernel resume_from_checkpoint
     image_max_pixels
     video_max_pixels media_dir ray_run_name ray_storage_filesystem

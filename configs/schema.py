@@ -385,8 +385,27 @@ class RayftConfig(_Strict):
     mask_history: bool = Field(False, description="Train on the last turn only.")
     packing: bool | None = Field(
         None,
-        description="Concatenate texts into cutoff_len blocks; unset: on for `pt` only "
-        "(LLaMA-Factory's default). Supported for `pt`.",
+        description="pt: concatenate texts into cutoff_len blocks; sft: pack whole examples "
+        "into cutoff_len rows (position ids restart per example); unset: on for `pt` only "
+        "(LLaMA-Factory's default).",
+    )
+    neat_packing: bool = Field(
+        False,
+        description="sft: pack as `packing` does, but no token attends across examples "
+        "(implies packing).",
+    )
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = (
+        Field(
+            "concat",
+            description="How several datasets are mixed: one after the other, or alternated "
+            "until the first (under) / every (over: restarting the others) / every, without "
+            "repeats (once) dataset is used up.",
+        )
+    )
+    interleave_probs: str | None = Field(
+        None,
+        description="Comma list of sampling probabilities, one per dataset, for the "
+        "interleave strategies (drawn with `seed`); unset: strict alternation.",
     )
     overwrite_cache: bool = Field(False, description="Re-tokenize even if a cache exists.")
     val_size: float = Field(
@@ -576,12 +595,51 @@ class RayftConfig(_Strict):
                 f"dpo_label_smoothing applies to pref_loss sigmoid only (pref_loss is "
                 f"{self.pref_loss}); set it to 0"
             )
-        if self.packing and self.stage != "pt":
+        if self.packing and self.stage not in ("pt", "sft"):
             raise ValueError(
-                f"packing is supported for stage pt only in rayft (stage is {self.stage}); "
+                f"packing applies to stages pt and sft (stage is {self.stage}); "
                 "set packing: false"
             )
+        if self.neat_packing and self.stage != "sft":
+            raise ValueError(
+                f"neat_packing applies to stage sft only (stage is {self.stage}); remove it"
+            )
+        if self.neat_packing and self.packing is False:
+            raise ValueError("neat_packing packs the data: remove packing: false")
+        self._check_mixing()
         return self
+
+    def _check_mixing(self) -> None:
+        """interleave_probs: one probability per dataset, for an interleave strategy only."""
+        if self.interleave_probs is None:
+            return
+        if self.mix_strategy == "concat":
+            raise ValueError(
+                "interleave_probs is set but mix_strategy is concat; set mix_strategy: "
+                "interleave_under (or interleave_over / interleave_once), or remove it"
+            )
+        probs = self.mixing_probabilities
+        for names, key in ((self.dataset_names, "dataset"), (self.eval_dataset_names, "eval_dataset")):
+            if names and len(names) != len(probs):
+                raise ValueError(
+                    f"interleave_probs has {len(probs)} values but {key} names {len(names)} "
+                    f"datasets; give one probability per dataset"
+                )
+        if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+            raise ValueError(f"interleave_probs {probs} must be non-negative and sum to 1")
+
+    @property
+    def mixing_probabilities(self) -> list[float] | None:
+        """`interleave_probs` as floats (`None`: strict alternation)."""
+        if self.interleave_probs is None:
+            return None
+        try:
+            return [float(part) for part in self.interleave_probs.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"interleave_probs {self.interleave_probs!r} is not a comma list of numbers "
+                "(e.g. \"0.7,0.3\")"
+            ) from None
 
     @model_validator(mode="after")
     def _rollout_options(self) -> RayftConfig:

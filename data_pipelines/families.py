@@ -6,7 +6,10 @@ processor, so the same data and template give the same ids and labels:
 
 - pretrain: the prompt text plus eos; packed into `cutoff_len` blocks (the default for `pt`) or
   truncated per row.
-- supervised: see `data_pipelines.supervised`.
+- supervised: see `data_pipelines.supervised`; with `packing`, whole examples are packed into
+  rows of `cutoff_len` tokens (LLaMA-Factory's greedy knapsack per batch of 1000 rows), with
+  position ids that restart per example and, for `neat_packing`, the example's number as its
+  attention mask value (1, 2, …) so that attention can stay within each example.
 - pairwise: one prompt, two answers; both answers share the prompt's truncation, sized by the
   longer answer.
 - feedback (KTO): one answer with its desirable/undesirable tag, plus a mismatched "KL" pair
@@ -20,6 +23,8 @@ silently.
 
 from __future__ import annotations
 
+import bisect
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -36,6 +41,8 @@ from data_pipelines.supervised import (
 from data_pipelines.templates import BadMessage, Template
 
 SKIP_COLUMN = "skip_reason"
+# Id columns some records carry (packed sft rows); written when an encoder returns them.
+OPTIONAL_COLUMNS = ("position_ids",)
 # How many source rows a record stands for: 1, except for packed pretraining blocks.
 ROWS_COLUMN = "source_rows"
 PACKING_REMAINDER = "packing remainder shorter than one block (dropped, as LLaMA-Factory does)"
@@ -49,6 +56,7 @@ class EncodeOptions:
 
     supervised: SupervisedOptions
     packing: bool = False
+    neat_packing: bool = False
     template_name: str | None = None
 
     @property
@@ -183,6 +191,79 @@ def _encode_supervised(
 
 
 _LM_COLUMNS = ("input_ids", "attention_mask", "labels")
+_encode_supervised_rows = _row_by_row(_LM_COLUMNS, (), _encode_supervised)
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group lengths into rows of at most `capacity`: each row takes the longest remaining
+    length that still fits, again and again (LLaMA-Factory's greedy knapsack, whose row
+    contents and order decide which examples share a row)."""
+    remaining = sorted(lengths)
+    rows = []
+    while remaining:
+        room, row = capacity, []
+        while (fit := bisect.bisect_right(remaining, room)) > 0:
+            length = remaining.pop(fit - 1)
+            room -= length
+            row.append(length)
+        if not row:
+            raise ValueError(f"an example of {remaining[0]} tokens cannot fit {capacity}")
+        rows.append(row)
+    return rows
+
+
+def _pack_supervised(
+    encoded: dict[str, list], pad_id: int, capacity: int, *, neat: bool
+) -> dict[str, list]:
+    """Pack a batch's good examples into rows of `capacity + 1` tokens (LF pads one past the
+    shortened block); bad rows stay as their own records."""
+    out = _empty((*_LM_COLUMNS, "position_ids"), ())
+    good, by_length = [], defaultdict(list)
+    for ids, labels, reason in zip(
+        encoded["input_ids"], encoded["labels"], encoded[SKIP_COLUMN], strict=True
+    ):
+        if not reason and len(ids) > capacity:
+            reason = f"longer than cutoff_len ({len(ids)} > {capacity} tokens)"
+        if reason:
+            for name in (*_LM_COLUMNS, "position_ids"):
+                out[name].append([])
+            out[SKIP_COLUMN].append(reason)
+            out[ROWS_COLUMN].append(1)
+            continue
+        by_length[len(ids)].append(len(good))
+        good.append((ids, labels))
+    for lengths in pack_lengths([len(ids) for ids, _ in good], capacity):
+        row: dict[str, list] = {name: [] for name in (*_LM_COLUMNS, "position_ids")}
+        for number, length in enumerate(lengths, start=1):
+            ids, labels = good[by_length[length].pop()]  # the latest example of that length
+            row["input_ids"] += ids
+            row["labels"] += labels
+            row["position_ids"] += range(length)
+            row["attention_mask"] += [number if neat else 1] * length
+        pad = capacity + 1 - len(row["input_ids"])
+        row["input_ids"] += [pad_id] * pad
+        row["labels"] += [IGNORE_INDEX] * pad
+        row["position_ids"] += [0] * pad
+        row["attention_mask"] += [0 if neat else 1] * pad
+        for name, values in row.items():
+            out[name].append(values)
+        out[SKIP_COLUMN].append("")
+        out[ROWS_COLUMN].append(len(lengths))
+    return out
+
+
+def _encode_supervised_batch(
+    items: Sequence[Item], tokenizer: Any, template: Template, options: EncodeOptions
+) -> dict[str, list]:
+    """One record per row, or (`packing`) the batch's examples packed into full rows."""
+    encoded = _encode_supervised_rows(items, tokenizer, template, options)
+    if not options.packing:
+        return encoded
+    return _pack_supervised(
+        encoded, tokenizer.pad_token_id, options.cutoff_len, neat=options.neat_packing
+    )
+
+
 register_family(
     Family(
         name="supervised",
@@ -190,7 +271,8 @@ register_family(
         row_kinds=("plain",),
         needs="conversations that end with an answer (alpaca instruction/output, or sharegpt "
         "messages ending with an assistant turn), without `ranking` or a `kto_tag` column",
-        encode=_row_by_row(_LM_COLUMNS, (), _encode_supervised),
+        encode=_encode_supervised_batch,
+        batch_size=1000,
     )
 )
 

@@ -11,10 +11,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import shutil
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +34,14 @@ from data_pipelines.cache import (
 from data_pipelines.converters import BadRow, Conversation, convert_row
 from data_pipelines.dataset_info import DatasetError, DatasetSpec, RowFormat, resolve_dataset
 from data_pipelines.families import (
+    OPTIONAL_COLUMNS,
     ROWS_COLUMN,
     SKIP_COLUMN,
     EncodeOptions,
     check_row_kinds,
     get_family,
 )
+from data_pipelines.mixing import SOURCE_COLUMN, interleave_sources, write_mixed
 from data_pipelines.readers import read_dataset, unwrap_read_error
 from data_pipelines.supervised import SupervisedOptions
 from data_pipelines.templates import (
@@ -45,6 +50,9 @@ from data_pipelines.templates import (
     prepare_tokenizer,
     resolve_template,
 )
+
+# Where the interleaved raw rows are staged before tokenizing (removed afterwards).
+MIXED_SUBDIR = "mixed"
 
 
 class TooManyBadRows(ValueError):
@@ -113,6 +121,8 @@ class TokenizeSpec:
     row_format: RowFormat
     options: SupervisedOptions | EncodeOptions
     family: str = "supervised"
+    # Mixed streams (`data_pipelines.mixing`): the row format of each source dataset.
+    source_formats: tuple[RowFormat, ...] = ()
 
     @property
     def encode_options(self) -> EncodeOptions:
@@ -158,25 +168,34 @@ def template_spec(config: Any) -> TemplateSpec:
     )
 
 
-def tokenize_rows(rows: list[dict[str, Any]], spec: TokenizeSpec) -> dict[str, list]:
+def tokenize_rows(
+    rows: list[dict[str, Any]], spec: TokenizeSpec, *, sources: list[int] | None = None
+) -> dict[str, list]:
     """Convert and tokenize rows with the spec's family; a bad row yields empty ids and its
-    reason (see `data_pipelines.families`)."""
+    reason (see `data_pipelines.families`). `sources` gives each row's dataset in a mixed
+    stream (its format is `spec.source_formats[source]`)."""
     tokenizer, template = load_prepared_tokenizer(spec.template)
     items: list[Conversation | str] = []
-    for row in rows:
+    for i, row in enumerate(rows):
+        row_format = spec.row_format if sources is None else spec.source_formats[sources[i]]
         try:
-            items.append(convert_row(row, spec.row_format))
+            items.append(convert_row(row, row_format))
         except BadRow as bad:
             items.append(str(bad))
     return get_family(spec.family).encode(items, tokenizer, template, spec.encode_options)
 
 
 def _tokenize_batch(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
+    if SOURCE_COLUMN in batch.column_names:  # a mixed stream: rows are stored as JSON text
+        rows = [json.loads(text) for text in batch.column("row").to_pylist()]
+        columns = tokenize_rows(rows, spec, sources=batch.column(SOURCE_COLUMN).to_pylist())
+    else:
+        columns = tokenize_rows(batch.to_pylist(), spec)
     family = get_family(spec.family)
-    columns = tokenize_rows(batch.to_pylist(), spec)
+    id_columns = [*family.id_columns, *(name for name in OPTIONAL_COLUMNS if name in columns)]
     return pa.table(
         {
-            **{name: pa.array(columns[name], type=pa.list_(pa.int32())) for name in family.id_columns},
+            **{name: pa.array(columns[name], type=pa.list_(pa.int32())) for name in id_columns},
             **{name: pa.array(columns[name], type=pa.bool_()) for name in family.flag_columns},
             SKIP_COLUMN: pa.array(columns[SKIP_COLUMN], type=pa.string()),
             ROWS_COLUMN: pa.array(columns[ROWS_COLUMN], type=pa.int32()),
@@ -231,11 +250,13 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
     # narrow reason column alone.
     staging = staging_dir(target)
     try:
-        _tokenize(config, specs, family=family, cpus_per_task=cpus_per_task).write_parquet(
-            str(staging / DATA_SUBDIR), ray_remote_args={"num_cpus": cpus_per_task}
-        )
+        _tokenize(
+            config, specs, family=family, cpus_per_task=cpus_per_task, staging=staging
+        ).write_parquet(str(staging / DATA_SUBDIR), ray_remote_args={"num_cpus": cpus_per_task})
     except DatasetError as err:  # a bad file line, raised inside a Ray read task
         raise unwrap_read_error(err) from None
+    finally:
+        shutil.rmtree(staging / MIXED_SUBDIR, ignore_errors=True)
     report = _count_reasons(staging / DATA_SUBDIR, packed=packing_enabled(config))
     if report.total and (report.total - report.kept) / report.total > config.max_bad_fraction:
         raise TooManyBadRows(
@@ -248,13 +269,22 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
 
 
 def packing_enabled(config: Any) -> bool:
-    """LLaMA-Factory's rule: `packing` when set, else on for `pt` only."""
+    """LLaMA-Factory's rule: `packing` when set (or implied by `neat_packing`), else on for
+    `pt` only."""
+    if config.neat_packing:
+        return True
     return config.packing if config.packing is not None else config.stage == "pt"
 
 
 def block_size(config: Any) -> int:
-    """Packed block length: LF shortens `cutoff_len` by one when `packing` is set explicitly."""
-    return config.cutoff_len - 1 if config.packing else config.cutoff_len
+    """Packed block length: LF shortens `cutoff_len` by one when `packing` (or
+    `neat_packing`) is set explicitly; packed sft rows are then padded back to `cutoff_len`."""
+    return config.cutoff_len - 1 if config.packing or config.neat_packing else config.cutoff_len
+
+
+def mixing(config: Any) -> str:
+    """The mix strategy in effect: one dataset is never interleaved."""
+    return config.mix_strategy if len(config.dataset_names) > 1 else "concat"
 
 
 def _count_reasons(folder: Path, *, packed: bool) -> DataReport:
@@ -289,7 +319,9 @@ def tokenized_location(config: Any, specs: list[DatasetSpec], *, family: str) ->
             "stage": config.stage,
             "family": family,
             "packing": packing_enabled(config),
+            "neat_packing": config.neat_packing,
             "block_size": block_size(config),
+            "mix": _mix_key(config),
             "template": config.template,
             "default_system": config.default_system,
             "tool_format": config.tool_format,
@@ -303,14 +335,24 @@ def tokenized_location(config: Any, specs: list[DatasetSpec], *, family: str) ->
     return Path(config.tokenized_cache_dir).expanduser().resolve() / "tokenized" / key
 
 
+def _mix_key(config: Any) -> dict[str, Any] | str:
+    """What decides the mixed order: the strategy, and the seed only when it draws."""
+    strategy = mixing(config)
+    if strategy == "concat":
+        return strategy
+    probs = config.mixing_probabilities
+    return {"strategy": strategy, "probs": probs, "seed": config.seed if probs else None}
+
+
 def _load(folder: Path, *, cpus_per_task: float) -> PreparedData:
     import ray.data
+    from ray.data.expressions import col
 
     report = DataReport.from_dict(json.loads((folder / REPORT_FILE).read_text()))
     dataset = ray.data.read_parquet(str(folder / DATA_SUBDIR), num_cpus=cpus_per_task)
     names = dataset.schema().names
     if SKIP_COLUMN in names:
-        dataset = dataset.filter(expr=f"{SKIP_COLUMN} == ''")
+        dataset = dataset.filter(expr=col(SKIP_COLUMN) == "")
     bookkeeping = [name for name in (SKIP_COLUMN, ROWS_COLUMN) if name in names]
     if bookkeeping:
         dataset = dataset.drop_columns(bookkeeping)
@@ -327,33 +369,81 @@ def encode_options(config: Any) -> EncodeOptions:
             mask_history=config.mask_history,
         ),
         packing=packed,
+        neat_packing=config.neat_packing,
         template_name=config.template,
     )
 
 
 def _tokenize(
-    config: Any, specs: list[DatasetSpec], *, family: str, cpus_per_task: float
+    config: Any, specs: list[DatasetSpec], *, family: str, cpus_per_task: float, staging: Path
 ) -> Any:
-    """The lazy Ray Data plan: read → limit → convert + template + tokenize, per dataset."""
-    options = encode_options(config)
-    parts = []
-    for spec in specs:
-        ds = read_dataset(spec, cpus_per_task=cpus_per_task)
-        limit = min(filter(None, (config.max_samples, spec.num_samples)), default=None)
-        if limit:
-            ds = ds.limit(limit)
-        task = TokenizeSpec(
-            template=template_spec(config), row_format=spec.row_format, options=options,
-            family=family,
-        )
-        parts.append(
-            ds.map_batches(
-                _tokenize_batch,
-                fn_kwargs={"spec": task},
-                batch_format="pyarrow",
-                batch_size=get_family(family).batch_size,
-                num_cpus=cpus_per_task,
-                concurrency=config.preprocessing_num_workers,
+    """The lazy Ray Data plan: read → limit → (mix) → convert + template + tokenize."""
+    task = TokenizeSpec(
+        template=template_spec(config), row_format=specs[0].row_format,
+        options=encode_options(config), family=family,
+    )
+    if mixing(config) != "concat":
+        with _ordered():
+            mixed = _mix(config, specs, cpus_per_task=cpus_per_task, folder=staging / MIXED_SUBDIR)
+            return _tokenized(
+                config, mixed,
+                replace(task, source_formats=tuple(spec.row_format for spec in specs)),
+                cpus_per_task=cpus_per_task,
             )
+    parts = [
+        _tokenized(
+            config, _read_limited(config, spec, cpus_per_task=cpus_per_task),
+            replace(task, row_format=spec.row_format), cpus_per_task=cpus_per_task,
         )
+        for spec in specs
+    ]
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _read_limited(config: Any, spec: DatasetSpec, *, cpus_per_task: float) -> Any:
+    """A dataset's raw rows, cut to `max_samples` / its `num_samples` (per dataset, as in LF)."""
+    ds = read_dataset(spec, cpus_per_task=cpus_per_task)
+    limit = min(filter(None, (config.max_samples, spec.num_samples)), default=None)
+    return ds.limit(limit) if limit else ds
+
+
+def _mix(config: Any, specs: list[DatasetSpec], *, cpus_per_task: float, folder: Path) -> Any:
+    """The raw rows of all datasets in the interleaved order, streamed to parquet in `folder`.
+
+    The mix is decided on raw rows, before tokenizing, so packing sees the mixed stream as in
+    LLaMA-Factory. Counting the rows costs one extra read of each dataset.
+    """
+    import ray.data
+
+    parts = [_read_limited(config, spec, cpus_per_task=cpus_per_task) for spec in specs]
+    sources = interleave_sources(
+        [part.count() for part in parts], config.mix_strategy, config.mixing_probabilities,
+        config.seed,
+    )
+    write_mixed(parts, sources, folder)
+    print(f"[rayft] mixed {len(specs)} datasets ({config.mix_strategy}): {len(sources)} rows", flush=True)
+    return ray.data.read_parquet(str(folder), num_cpus=cpus_per_task)
+
+
+def _tokenized(config: Any, rows: Any, task: TokenizeSpec, *, cpus_per_task: float) -> Any:
+    return rows.map_batches(
+        _tokenize_batch,
+        fn_kwargs={"spec": task},
+        batch_format="pyarrow",
+        batch_size=get_family(task.family).batch_size,
+        num_cpus=cpus_per_task,
+        concurrency=config.preprocessing_num_workers,
+    )
+
+
+@contextlib.contextmanager
+def _ordered() -> Iterator[None]:
+    """Datasets created inside keep their row order (each captures the setting when made)."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before

@@ -40,6 +40,27 @@ def pad_group(
     }
 
 
+def packed_group(batch: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed sft rows (see `data_pipelines.families`): ids, labels and the restarting
+    position ids as tensors.
+
+    With `neat_packing` (attention values 1, 2, … per example) no attention mask is given: the
+    model then derives a block-diagonal causal mask from the position ids, so no token
+    attends across examples. Plain packing keeps LF's all-ones mask, as LLaMA-Factory does.
+    """
+    ids = batch["input_ids"]
+    width = max(len(row) for row in ids)
+    out = {
+        "input_ids": pad_rows(ids, pad_id, width),
+        "labels": pad_rows(batch["labels"], IGNORE_INDEX, width),
+        "position_ids": pad_rows(batch["position_ids"], 0, width),
+    }
+    attention = pad_rows(batch["attention_mask"], 0, width)
+    if int(attention.max()) <= 1:
+        out["attention_mask"] = attention
+    return out
+
+
 def labelled_tokens(labels: torch.Tensor) -> int:
     """Tokens whose next-token loss counts (labels shifted by one, as the loss reads them)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -6,22 +6,29 @@ from typing import Any
 
 import torch
 
-from jobs.batching import labelled_tokens, pad_group
+from jobs.batching import labelled_tokens, packed_group, pad_group
 from jobs.losses import causal_lm_loss_sum_kept, predicting_positions
 from jobs.registry import Stage, StepContext, StepOutput, register_stage
 
 
 def collate(batch: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch: ids with `pad_id`, labels with -100, attention with 0."""
-    return pad_group(batch, pad_id)
+    """Right-pad a micro-batch: ids with `pad_id`, labels with -100, attention with 0; packed
+    rows (`packing`) also carry their position ids."""
+    return packed_group(batch, pad_id) if "position_ids" in batch else pad_group(batch, pad_id)
 
 
 def token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed token loss of the labelled tokens (logits computed only where a label follows)."""
+    """Summed token loss of the labelled tokens (logits computed only where a label follows).
+
+    No KV cache: besides saving memory, a cache would stop the model from reading packed
+    examples' boundaries from `position_ids` when there is no attention mask (neat packing).
+    """
     positions = predicting_positions(batch["labels"])
     logits = model(
         input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
         logits_to_keep=positions,
     ).logits
     return causal_lm_loss_sum_kept(logits, batch["labels"], positions)[0]

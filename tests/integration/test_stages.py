@@ -32,6 +32,9 @@ RUNS: dict[str, dict] = {
     # is checked against TRL in tests/unit/test_preference_losses.py.)
     "dpo_qlora": {"stage": "dpo", "dataset": "dpo_en_demo", "quantization_bit": 4},
     "kto": {"stage": "kto", "dataset": "kto_en_demo"},
+    # sft on two datasets interleaved, examples neat-packed into 256-token rows.
+    "sft_neat": {"stage": "sft", "dataset": "alpaca_en_demo,identity", "cutoff_len": 256,
+                 "mix_strategy": "interleave_under", "neat_packing": True},
 }
 # Full fine-tuning of every stage (sft full is in test_finetuning_methods.py): the weights are
 # saved whole, and dpo/kto load a separate frozen reference model.
@@ -50,6 +53,7 @@ EXPECTED_METRICS = {
     "orpo": {"rewards/accuracies", "logps/chosen"},
     "dpo_qlora": {"rewards/accuracies", "rewards/margins"},
     "kto": {"rewards/chosen", "rewards/rejected", "kl"},
+    "sft_neat": set(),
 }
 
 
@@ -166,6 +170,13 @@ def test_pretraining_packs_rows_into_blocks(trained) -> None:
     report = json.loads((trained("pt") / "data_report.json").read_text())
     assert report["total"] == report["kept"] == 8
     assert report["examples"] > report["kept"]  # 8 web texts make many 32-token blocks
+
+
+def test_neat_packing_trains_on_packed_rows_of_the_mixed_datasets(trained) -> None:
+    """8 rows of each dataset, alternated, packed: fewer rows than examples reach training."""
+    report = json.loads((trained("sft_neat") / "data_report.json").read_text())
+    assert report["total"] == report["kept"] == 16
+    assert report["examples"] < report["kept"]
 
 
 def test_reward_model_learns_the_training_pairs(trained) -> None:

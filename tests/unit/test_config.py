@@ -45,7 +45,7 @@ def test_three_mistakes_are_reported_together_without_starting_ray(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     values = _valid(tiny_model_dir, tmp_path)
-    values |= {"lora_rnk": 16, "learning_rate": "fast", "neat_packing": True}
+    values |= {"lora_rnk": 16, "learning_rate": "fast", "mix_strategy": "zip"}
     path = _write(tmp_path, values)
     code = (
         "import sys\nfrom cluster.cli import main\n"
@@ -58,7 +58,7 @@ def test_three_mistakes_are_reported_together_without_starting_ray(
     assert "3 problem(s)" in done.stderr
     assert "`lora_rnk`: unknown key; did you mean `lora_rank`?" in done.stderr
     assert "`learning_rate`" in done.stderr
-    assert "`neat_packing`" in done.stderr and "not support" in done.stderr
+    assert "`mix_strategy`" in done.stderr and "interleave_under" in done.stderr
 
 
 def test_unknown_section_key_suggests_the_right_one(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -112,3 +112,40 @@ def test_every_shipped_example_is_valid(path: Path, tiny_model_dir: Path, tmp_pa
     load_run_config(
         path, [f"model_name_or_path={tiny_model_dir}", f"dataset_dir={ROOT / 'data'}"]
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"neat_packing": True, "stage": "dpo"}, "neat_packing applies to stage sft only"),
+        ({"neat_packing": True, "packing": False}, "remove packing: false"),
+        ({"packing": True, "stage": "kto"}, "packing applies to stages pt and sft"),
+        ({"interleave_probs": "0.5,0.5"}, "mix_strategy is concat"),
+        (
+            {"mix_strategy": "interleave_under", "interleave_probs": "1.0"},
+            "interleave_probs has 1 values but dataset names 2",
+        ),
+        (
+            {"mix_strategy": "interleave_over", "interleave_probs": "0.9,0.3"},
+            "must be non-negative and sum to 1",
+        ),
+        (
+            {"mix_strategy": "interleave_over", "interleave_probs": "half,half"},
+            "is not a comma list of numbers",
+        ),
+    ],
+)
+def test_packing_and_mixing_mistakes_name_the_key(
+    extra: dict, message: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    values = _valid(tiny_model_dir, tmp_path) | {"dataset": "alpaca_en_demo,identity"} | extra
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, values))
+
+
+def test_neat_packing_implies_packing_with_lf_block_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from data_pipelines.pipeline import block_size, packing_enabled
+
+    values = _valid(tiny_model_dir, tmp_path) | {"neat_packing": True, "cutoff_len": 64}
+    config = load_config(_write(tmp_path, values))
+    assert packing_enabled(config) and block_size(config) == 63

@@ -684,7 +684,7 @@ def _serve_errors(service: Doc) -> list[str]:
                     f"RayService: {deployment.get('name')} needs autoscaling_config "
                     "with 1 <= min_replicas <= max_replicas"
                 )
-            elif args.autoscaling is None or scaling != args.autoscaling.model_dump():
+            elif args.autoscaling is None or scaling != args.autoscaling.model_dump(exclude_none=True):
                 errors.append("RayService: autoscaling_config is not args.autoscaling")
     return errors
 

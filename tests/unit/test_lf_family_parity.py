@@ -9,14 +9,21 @@ with a reason, never silently.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 
+from data_pipelines.converters import convert_row
 from data_pipelines.dataset_info import resolve_dataset
-from data_pipelines.families import ROWS_COLUMN, SKIP_COLUMN, EncodeOptions
-from data_pipelines.pipeline import TemplateSpec, TokenizeSpec, tokenize_rows
+from data_pipelines.families import ROWS_COLUMN, SKIP_COLUMN, EncodeOptions, get_family
+from data_pipelines.pipeline import (
+    TemplateSpec,
+    TokenizeSpec,
+    load_prepared_tokenizer,
+    tokenize_rows,
+)
 from data_pipelines.supervised import SupervisedOptions
 from tests.fixtures.tiny import tokenizer_fingerprint
 
@@ -48,6 +55,17 @@ def _raw_rows(case: dict) -> tuple[list[dict], object]:
     return rows[: case["max_samples"]], spec.row_format
 
 
+def _encode_with_bos(rows: list[dict], spec: TokenizeSpec) -> dict:
+    """The pretrain family with a tokenizer that adds bos (a Llama-style tokenizer), as the
+    generator did: transformers 5 does not read `add_bos_token` from tokenizer_config.json, so
+    the attribute is set on a copy of the prepared tokenizer."""
+    tokenizer, template = load_prepared_tokenizer(spec.template)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_bos_token = True
+    items = [convert_row(row, spec.row_format) for row in rows]
+    return get_family(spec.family).encode(items, tokenizer, template, spec.encode_options)
+
+
 def test_tokenizer_matches_the_goldens(tiny_tokenizer_dir: Path) -> None:
     assert tokenizer_fingerprint(tiny_tokenizer_dir) == GOLDEN["tokenizer_fingerprint"]
 
@@ -77,7 +95,7 @@ def test_family_tokens_equal_llamafactory(case: dict, tiny_tokenizer_dir: Path) 
         ),
         family=family,
     )
-    out = tokenize_rows(rows, spec)
+    out = _encode_with_bos(rows, spec) if case.get("add_bos_token") else tokenize_rows(rows, spec)
     kept = [i for i, reason in enumerate(out[SKIP_COLUMN]) if reason == ""]
     if family == "pretrain":
         assert [out["input_ids"][i] for i in kept] == [r["input_ids"] for r in case["rows"]]

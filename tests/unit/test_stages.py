@@ -65,8 +65,8 @@ def test_stage_spellings_and_stage_only_options(tiny_model_dir: Path, tmp_path: 
         _config(tiny_model_dir, tmp_path, stage="simpo", pref_loss="hinge")
     with pytest.raises(ValueError, match="stage sft only"):
         _config(tiny_model_dir, tmp_path, stage="dpo", train_on_prompt=True)
-    with pytest.raises(ValueError, match="stage pt only"):
-        _config(tiny_model_dir, tmp_path, stage="sft", packing=True)
+    with pytest.raises(ValueError, match="stages pt and sft"):
+        _config(tiny_model_dir, tmp_path, stage="dpo", packing=True)
     with pytest.raises(ValueError, match="pref_loss sigmoid only"):
         _config(tiny_model_dir, tmp_path, stage="dpo", pref_loss="ipo", dpo_label_smoothing=0.1)
 
