@@ -83,6 +83,7 @@ def run(ray_cluster: float, tiny_model_dir: Path, tmp_path_factory: pytest.TempP
     return train
 
 
+@pytest.mark.slow  # full weights are also trained, saved and reloaded by test_stages' dpo_full
 def test_full_trains_every_weight_and_reloads(run, tiny_model_dir: Path) -> None:
     out = run("full")
     assert len(_losses(out)) == STEPS
@@ -104,6 +105,7 @@ def test_freeze_trains_only_the_last_block(run, tiny_model_dir: Path) -> None:
             assert torch.equal(base[name], trained[name]), f"frozen {name} changed"
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_whole_model_and_optimizer(run) -> None:
     out = run("full")
     checkpoint = out / "ray" / f"rayft-{out.name}" / "checkpoint-2"

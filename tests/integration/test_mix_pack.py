@@ -43,6 +43,7 @@ def _column(data, name: str) -> list[list[int]]:
     return [list(map(int, row[name])) for row in data.dataset.take_all()]
 
 
+@pytest.mark.slow  # the packed test below runs the same mixing path; the order is unit-tested
 def test_interleaved_rows_equal_llamafactory(
     ray_cluster: float, tiny_tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

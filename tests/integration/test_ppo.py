@@ -88,7 +88,10 @@ def _log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+# grpo shares the rollout loop, reward actor and reload path with ppo: `make test-slow` runs it.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "grpo" else n for n in RUNS]
+)
 def test_rollout_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Path) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file

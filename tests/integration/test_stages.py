@@ -99,7 +99,8 @@ def _log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
 
 
-SLOW = {"orpo", "pt_full", "rm_full", "kto_full"}  # same code paths as runs kept in CI
+# Same code paths as runs kept in CI (QLoRA: test_finetuning_methods trains it under sft).
+SLOW = {"orpo", "dpo_qlora", "pt_full", "rm_full", "kto_full"}
 
 
 def _cases(names: list[str]) -> list:

@@ -62,7 +62,11 @@ def test_preprocess_writes_parquet_that_training_loads(
     out = tmp_path / "tokenized"
     assert rayft_main(["preprocess", str(path), "--output", str(out)]) == 0
     table = pq.read_table(out / "data")
-    assert set(table.column_names) == {"input_ids", "attention_mask", "labels", "skip_reason"}
+    # The two bookkeeping columns keep each skipped row's reason and the rows a record stands
+    # for; training drops them when it loads the folder.
+    assert set(table.column_names) == {
+        "input_ids", "attention_mask", "labels", "skip_reason", "source_rows"
+    }
     assert table.num_rows == 100 and set(table.column("skip_reason").to_pylist()) == {""}
     capsys.readouterr()
     loaded = prepare_supervised(
