@@ -220,6 +220,7 @@ def _running_replicas(app: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow  # about a minute of load and idle time
 def test_autoscaling_goes_to_two_replicas_under_load_and_back_after_idle(
     apps: dict[str, str],
 ) -> None:

@@ -123,6 +123,7 @@ def test_sharded_checkpoint_has_every_rank(run) -> None:
     assert (checkpoint / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # resume is in CI through the killed-worker test (DDP)
 def test_deepspeed_resume_reproduces_the_loss(run, tiny_model_dir: Path) -> None:
     """Restart ZeRO-3 from its step-2 checkpoint alone: step 3 reproduces the uninterrupted loss."""
     full_dir = run("zero3")
