@@ -425,14 +425,39 @@ def _mix(config: Any, specs: list[DatasetSpec], *, cpus_per_task: float, folder:
     return ray.data.read_parquet(str(folder), num_cpus=cpus_per_task)
 
 
+class BatchTokenizer:
+    """A Ray Data actor that loads the tokenizer and template once, then tokenizes batches.
+
+    Importing transformers and loading a tokenizer takes seconds per process, longer than
+    tokenizing a thousand rows; an actor pool pays it once per actor, where plain tasks pay it
+    in every worker process they land on.
+    """
+
+    def __init__(self, spec: TokenizeSpec) -> None:
+        self.spec = spec
+        load_prepared_tokenizer(spec.template)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _tokenize_batch(batch, self.spec)
+
+
+def tokenizer_actors(config: Any) -> int:
+    """Tokenizing actors: `preprocessing_num_workers`, else one per CPU of the cluster."""
+    import ray
+
+    if config.preprocessing_num_workers:
+        return config.preprocessing_num_workers
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def _tokenized(config: Any, rows: Any, task: TokenizeSpec, *, cpus_per_task: float) -> Any:
     return rows.map_batches(
-        _tokenize_batch,
-        fn_kwargs={"spec": task},
+        BatchTokenizer,
+        fn_constructor_kwargs={"spec": task},
         batch_format="pyarrow",
         batch_size=get_family(task.family).batch_size,
         num_cpus=cpus_per_task,
-        concurrency=config.preprocessing_num_workers,
+        concurrency=tokenizer_actors(config),
     )
 
 

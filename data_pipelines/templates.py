@@ -906,7 +906,12 @@ def _fill(slot: Slot, content: str) -> list[Element]:
 
 
 def _element_ids(tokenizer: Any, elements: Sequence[Element]) -> list[int]:
-    """Encode each element on its own: text without special tokens, special tokens by id."""
+    """Encode each element on its own: text without special tokens, special tokens by id.
+
+    A fast tokenizer's Rust backend is called directly: transformers' `encode` wraps the same
+    call in per-call bookkeeping that costs about as much as the encoding of a short element.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     ids: list[int] = []
     for element in elements:
         if isinstance(element, SpecialToken):
@@ -914,7 +919,10 @@ def _element_ids(tokenizer: Any, elements: Sequence[Element]) -> list[int]:
             if token_id is not None:
                 ids.append(token_id)
         elif element:
-            ids += tokenizer.encode(element, add_special_tokens=False)
+            if backend is not None:
+                ids += backend.encode(element, add_special_tokens=False).ids
+            else:
+                ids += tokenizer.encode(element, add_special_tokens=False)
     return ids
 
 
