@@ -2,7 +2,7 @@
 
 The test starts its own head on 127.0.0.1 with non-default ports and its own `--temp-dir`, and
 stops it by terminating exactly the processes whose command line or working directory lies in
-that temp dir (never `ray stop`, which would stop every Ray on the host).
+that temp dir (never Ray's CLI stop command, which would stop every Ray on the host).
 """
 
 from __future__ import annotations
