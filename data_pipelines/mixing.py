@@ -27,6 +27,8 @@ import numpy as np
 
 SOURCE_COLUMN = "mix_source"
 ROW_COLUMN = "mix_row"
+# The staged mixed stream: each raw row as JSON text, next to its SOURCE_COLUMN.
+TEXT_COLUMN = "mix_text"
 
 # rayft's strategy name -> `datasets.interleave_datasets(stopping_strategy=...)`.
 STOPPING_STRATEGIES: dict[str, str] = {
@@ -112,7 +114,10 @@ def write_mixed(
         texts = [json.dumps(next(readers[int(i)]), default=str, ensure_ascii=False) for i in chunk]
         pq.write_table(
             pa.table(
-                {SOURCE_COLUMN: pa.array(chunk, pa.int32()), "row": pa.array(texts, pa.string())}
+                {
+                    SOURCE_COLUMN: pa.array(chunk, pa.int32()),
+                    TEXT_COLUMN: pa.array(texts, pa.string()),
+                }
             ),
             folder / f"part-{start // chunk_rows:06d}.parquet",
         )

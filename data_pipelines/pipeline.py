@@ -41,7 +41,12 @@ from data_pipelines.families import (
     check_row_kinds,
     get_family,
 )
-from data_pipelines.mixing import SOURCE_COLUMN, interleave_sources, write_mixed
+from data_pipelines.mixing import (
+    SOURCE_COLUMN,
+    TEXT_COLUMN,
+    interleave_sources,
+    write_mixed,
+)
 from data_pipelines.readers import read_dataset, unwrap_read_error
 from data_pipelines.supervised import SupervisedOptions
 from data_pipelines.templates import (
@@ -89,7 +94,9 @@ class DataReport:
     def from_dict(cls, data: dict[str, Any]) -> DataReport:
         """Inverse of `as_dict`."""
         return cls(
-            total=data["total"], kept=data["kept"], skipped=Counter(data["skipped"]),
+            total=data["total"],
+            kept=data["kept"],
+            skipped=Counter(data["skipped"]),
             examples=data.get("examples"),
         )
 
@@ -187,7 +194,7 @@ def tokenize_rows(
 
 def _tokenize_batch(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
     if SOURCE_COLUMN in batch.column_names:  # a mixed stream: rows are stored as JSON text
-        rows = [json.loads(text) for text in batch.column("row").to_pylist()]
+        rows = [json.loads(text) for text in batch.column(TEXT_COLUMN).to_pylist()]
         columns = tokenize_rows(rows, spec, sources=batch.column(SOURCE_COLUMN).to_pylist())
     else:
         columns = tokenize_rows(batch.to_pylist(), spec)
@@ -302,7 +309,9 @@ def _count_reasons(folder: Path, *, packed: bool) -> DataReport:
             records += reason == ""
     kept = counts.pop("", 0)
     return DataReport(
-        total=kept + sum(counts.values()), kept=kept, skipped=counts,
+        total=kept + sum(counts.values()),
+        kept=kept,
+        skipped=counts,
         examples=records if packed else None,
     )
 
@@ -379,21 +388,26 @@ def _tokenize(
 ) -> Any:
     """The lazy Ray Data plan: read → limit → (mix) → convert + template + tokenize."""
     task = TokenizeSpec(
-        template=template_spec(config), row_format=specs[0].row_format,
-        options=encode_options(config), family=family,
+        template=template_spec(config),
+        row_format=specs[0].row_format,
+        options=encode_options(config),
+        family=family,
     )
     if mixing(config) != "concat":
         with _ordered():
             mixed = _mix(config, specs, cpus_per_task=cpus_per_task, folder=staging / MIXED_SUBDIR)
             return _tokenized(
-                config, mixed,
+                config,
+                mixed,
                 replace(task, source_formats=tuple(spec.row_format for spec in specs)),
                 cpus_per_task=cpus_per_task,
             )
     parts = [
         _tokenized(
-            config, _read_limited(config, spec, cpus_per_task=cpus_per_task),
-            replace(task, row_format=spec.row_format), cpus_per_task=cpus_per_task,
+            config,
+            _read_limited(config, spec, cpus_per_task=cpus_per_task),
+            replace(task, row_format=spec.row_format),
+            cpus_per_task=cpus_per_task,
         )
         for spec in specs
     ]
@@ -417,11 +431,16 @@ def _mix(config: Any, specs: list[DatasetSpec], *, cpus_per_task: float, folder:
 
     parts = [_read_limited(config, spec, cpus_per_task=cpus_per_task) for spec in specs]
     sources = interleave_sources(
-        [part.count() for part in parts], config.mix_strategy, config.mixing_probabilities,
+        [part.count() for part in parts],
+        config.mix_strategy,
+        config.mixing_probabilities,
         config.seed,
     )
     write_mixed(parts, sources, folder)
-    print(f"[rayft] mixed {len(specs)} datasets ({config.mix_strategy}): {len(sources)} rows", flush=True)
+    print(
+        f"[rayft] mixed {len(specs)} datasets ({config.mix_strategy}): {len(sources)} rows",
+        flush=True,
+    )
     return ray.data.read_parquet(str(folder), num_cpus=cpus_per_task)
 
 
