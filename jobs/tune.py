@@ -135,7 +135,8 @@ def run_sweep(config: RayftConfig, *, total_cpus: float, resume: bool) -> Path:
         )
     base = config.model_dump(mode="json")
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, base=base, cpus_per_trial=cpus_per_trial), {"CPU": TRIAL_DRIVER_CPUS}
+        tune.with_parameters(_trial, base=base, cpus_per_trial=cpus_per_trial),
+        {"CPU": TRIAL_DRIVER_CPUS},
     )
     storage = output_dir / "tune"
     name = "sweep"
@@ -175,12 +176,14 @@ def _cpus_needed(config: RayftConfig, cpus_per_trial: float) -> float:
 
 
 def _scheduler(config: RayftConfig) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+    from ray.tune.schedulers import FIFOScheduler, PopulationBasedTraining
+
+    from jobs.tune_asha import ResumableASHA
 
     assert config.tune is not None
     settings = config.tune
     schedulers: dict[str, Callable[[], Any]] = {
-        "asha": lambda: ASHAScheduler(
+        "asha": lambda: ResumableASHA(
             time_attr="step",
             grace_period=settings.grace_period,
             reduction_factor=settings.reduction_factor,
