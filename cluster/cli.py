@@ -64,7 +64,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     overrides = [*args.overrides, f"tokenized_path={args.output.resolve()}", "overwrite_cache=true"]
     config = load_run_config(args.config, overrides)
-    with local_ray(config.ray.address) as total_cpus:
+    with local_ray(config.ray.address, runtime_env=config.ray.runtime_env) as total_cpus:
         plan = plan_resources(total_cpus, num_workers=config.ray.num_workers)
         data = get_stage(config.stage).prepare_data(config, plan.cpus_per_data_task)
     print(f"{data.report.summary()}; written to {args.output.resolve()}")
@@ -173,7 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve import run_server
 
     config = load_infer_config(args.config, args.overrides)
-    with local_ray(config.ray.address) as total_cpus:
+    with local_ray(config.ray.address, runtime_env=config.ray.runtime_env) as total_cpus:
         plan = plan_resources(total_cpus, num_workers=1)
         run_server(
             serve_args_from_config(config, num_cpus_per_replica=plan.cpus_per_replica),

@@ -94,7 +94,7 @@ def run_demo(*, cache_dir: Path, workdir: Path) -> dict[str, str]:
     with timer.phase("answer before fine-tuning"):
         before = _answer_in_process(config)
         print(f"Q: {QUESTION}\nA (before): {before}")
-    with local_ray(config.ray.address) as total_cpus:
+    with local_ray(config.ray.address, runtime_env=config.ray.runtime_env) as total_cpus:
         with timer.phase("fine-tune (Ray Data + Ray Train)"):
             outcome = run_training(config, total_cpus=total_cpus)
             print(f"final loss {outcome.final_loss:.4f} after {outcome.total_steps} steps")

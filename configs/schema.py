@@ -52,7 +52,7 @@ class RaySection(_Strict):
     deepspeed_config: str | None = Field(
         None,
         description="DeepSpeed JSON (LLaMA-Factory's top-level `deepspeed:`), e.g. "
-        "configs/deepspeed/ds_z3_config.json; \"auto\" values are filled from this config.",
+        'configs/deepspeed/ds_z3_config.json; "auto" values are filled from this config.',
     )
     fsdp_mixed_precision: Literal["no", "bf16", "fp16"] = Field(
         "no", description="FSDP2 compute dtype of sharded parameters (gradients reduce in fp32)."
@@ -72,10 +72,17 @@ class RaySection(_Strict):
         description="Seconds to wait for an autoscaling cluster to grow to the resources the "
         "workers need before failing with the missing resources; 0 checks once.",
     )
+    rank0_node: str | None = Field(
+        None,
+        description="Where rank 0 runs (it hosts the process-group rendezvous and writes logs "
+        "and exports): `head`, a node IP, or a node id (`ray list nodes`); unset lets Ray's "
+        "placement choose.",
+    )
     runtime_env: dict[str, Any] | None = Field(
         None,
-        description="Ray runtime_env merged into `rayft submit`'s job (env_vars, pip, uv, "
-        "conda, py_modules, excludes, …); working_dir is set by rayft submit itself.",
+        description="Ray runtime_env (env_vars, pip, uv, conda, py_modules, excludes, …) for the "
+        "run's driver, workers and data tasks: `rayft train`/`tune` start Ray with it, `rayft "
+        "submit` puts it on the job; working_dir is set by rayft submit itself.",
     )
 
     @field_validator("runtime_env")
@@ -135,8 +142,8 @@ class ServeSection(_Strict):
     )
     num_replicas: int | None = Field(None, ge=1, description="Fixed replica count.")
     autoscaling: dict[str, float] | None = Field(
-        None, description="{min_replicas, max_replicas, target_ongoing_requests}; not with "
-        "num_replicas."
+        None,
+        description="{min_replicas, max_replicas, target_ongoing_requests}; not with num_replicas.",
     )
     max_ongoing_requests: int | None = Field(None, ge=1, description="Per replica; default 32.")
     max_batch_size: int | None = Field(None, ge=1, description="Requests decoded together (8).")
@@ -196,7 +203,7 @@ class TuneSection(_Strict):
         for key, spec in value.items():
             if len(spec) != 1:
                 raise ValueError(f"`{key}` needs exactly one distribution, got {sorted(spec)}")
-            (kind, args), = spec.items()
+            ((kind, args),) = spec.items()
             if not args:
                 raise ValueError(f"`{key}`: the `{kind}` list is empty")
             if kind in ("loguniform", "uniform", "randint") and len(args) != 2:
@@ -215,8 +222,11 @@ FREEZE_ONLY_KEYS = frozenset(
 
 # Keys of the online RL stages and the stages they apply to (`ppo_*`: every key so prefixed).
 ROLLOUT_KEYS: dict[str, tuple[str, ...]] = {
-    "reward_model": ("ppo", "grpo"), "reward_model_type": ("ppo", "grpo"),
-    "reward_funcs": ("ppo", "grpo"), "num_generations": ("grpo",), "ppo_*": ("ppo",),
+    "reward_model": ("ppo", "grpo"),
+    "reward_model_type": ("ppo", "grpo"),
+    "reward_funcs": ("ppo", "grpo"),
+    "num_generations": ("grpo",),
+    "ppo_*": ("ppo",),
     "grpo_*": ("grpo",),
 }
 
@@ -258,7 +268,8 @@ class RayftConfig(_Strict):
         "all", description="Comma list of module names, or `all` for every linear layer."
     )
     additional_target: str | None = Field(
-        None, description="LoRA: comma list of extra modules trained in full and saved with the "
+        None,
+        description="LoRA: comma list of extra modules trained in full and saved with the "
         "adapter (peft modules_to_save), e.g. embed_tokens,lm_head.",
     )
     use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling alpha/sqrt(r).")
@@ -286,11 +297,13 @@ class RayftConfig(_Strict):
         "all", description="freeze: comma list of module names inside those blocks, or `all`."
     )
     freeze_extra_modules: str | None = Field(
-        None, description="freeze: comma list of modules outside the blocks to train, e.g. "
+        None,
+        description="freeze: comma list of modules outside the blocks to train, e.g. "
         "embed_tokens,norm.",
     )
     use_llama_pro: bool = Field(
-        False, description="freeze: train only the blocks `rayft expand-model` inserted "
+        False,
+        description="freeze: train only the blocks `rayft expand-model` inserted "
         "(freeze_trainable_layers = the number inserted).",
     )
     quantization_bit: Literal[4, 8] | None = Field(
@@ -312,11 +325,13 @@ class RayftConfig(_Strict):
         False, description="Turn off gradient checkpointing (on by default, non-reentrant)."
     )
     rope_scaling: Literal["linear", "dynamic", "yarn", "llama3"] | None = Field(
-        None, description="RoPE scaling when cutoff_len exceeds the model's context; the factor "
+        None,
+        description="RoPE scaling when cutoff_len exceeds the model's context; the factor "
         "is ceil(cutoff_len / max_position_embeddings).",
     )
     flash_attn: Literal["auto", "disabled", "sdpa", "fa2"] = Field(
-        "auto", description="Attention kernel: auto (model default), disabled (eager), sdpa, fa2 "
+        "auto",
+        description="Attention kernel: auto (model default), disabled (eager), sdpa, fa2 "
         "(FlashAttention-2, needs a GPU and the flash_attn package).",
     )
 
@@ -339,20 +354,25 @@ class RayftConfig(_Strict):
 
     # online RL stages (ppo: LLaMA-Factory's names and defaults; grpo: TRL's GRPOConfig)
     reward_model: str | None = Field(
-        None, description="ppo/grpo: reward model dir, an AutoModelForSequenceClassification "
+        None,
+        description="ppo/grpo: reward model dir, an AutoModelForSequenceClassification "
         "(e.g. the output of `stage: rm`); scored at the last real token.",
     )
     reward_model_type: Literal["lora", "full", "api"] = Field(
-        "lora", description="ppo/grpo: `lora` (reward_model is an adapter over "
+        "lora",
+        description="ppo/grpo: `lora` (reward_model is an adapter over "
         "model_name_or_path) or `full` (a whole model); `api` is not supported.",
     )
     reward_funcs: list[str] | None = Field(
-        None, description="ppo/grpo: reward functions as `module:function` import paths, called "
+        None,
+        description="ppo/grpo: reward functions as `module:function` import paths, called "
         "as f(prompts=[str], completions=[str], completion_ids=[[int]]) -> [float]; summed.",
     )
     ppo_epochs: int = Field(4, ge=1, description="ppo: passes over each rollout batch.")
     ppo_buffer_size: int = Field(
-        1, ge=1, description="ppo: batches of per_device_train_batch_size x "
+        1,
+        ge=1,
+        description="ppo: batches of per_device_train_batch_size x "
         "gradient_accumulation_steps prompts rolled out per PPO step.",
     )
     ppo_target: float = Field(6.0, gt=0.0, description="ppo: target KL of the adaptive KL control.")
@@ -409,7 +429,8 @@ class RayftConfig(_Strict):
     )
     overwrite_cache: bool = Field(False, description="Re-tokenize even if a cache exists.")
     val_size: float = Field(
-        0.0, ge=0.0,
+        0.0,
+        ge=0.0,
         description="Hold out this share (< 1) or number (>= 1) of the training rows for "
         "evaluation; the split is deterministic per row content and `seed`.",
     )
@@ -457,8 +478,13 @@ class RayftConfig(_Strict):
     num_train_epochs: float = Field(3.0, gt=0.0, description="Passes over the data.")
     max_steps: int = Field(-1, description="Stop after N optimizer steps; -1 uses epochs.")
     lr_scheduler_type: Literal[
-        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
-        "polynomial", "inverse_sqrt",
+        "linear",
+        "cosine",
+        "constant",
+        "constant_with_warmup",
+        "cosine_with_restarts",
+        "polynomial",
+        "inverse_sqrt",
     ] = Field("linear", description="transformers scheduler name.")
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Warmup share of all steps.")
     warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio.")
@@ -503,9 +529,15 @@ class RayftConfig(_Strict):
     apollo_scale_front: bool = Field(
         False, description="APOLLO: norm-growth limiter before gradient scaling."
     )
-    use_badam: bool = Field(False, description="BAdam block-coordinate optimizer (pip install badam).")
-    badam_mode: Literal["layer", "ratio"] = Field("layer", description="BAdam: layer- or ratio-wise.")
-    badam_start_block: int | None = Field(None, ge=0, description="BAdam: first block (layer mode).")
+    use_badam: bool = Field(
+        False, description="BAdam block-coordinate optimizer (pip install badam)."
+    )
+    badam_mode: Literal["layer", "ratio"] = Field(
+        "layer", description="BAdam: layer- or ratio-wise."
+    )
+    badam_start_block: int | None = Field(
+        None, ge=0, description="BAdam: first block (layer mode)."
+    )
     badam_switch_mode: Literal["ascending", "descending", "random", "fixed"] = Field(
         "ascending", description="BAdam: order in which blocks train (layer mode)."
     )
@@ -539,7 +571,9 @@ class RayftConfig(_Strict):
     infer_backend: Literal["huggingface", "vllm"] | None = Field(
         None, description="LF's serving engine: huggingface = serve.engine transformers."
     )
-    vllm_maxlen: int | None = Field(None, ge=1, description="LF: vLLM context (serve.max_model_len).")
+    vllm_maxlen: int | None = Field(
+        None, ge=1, description="LF: vLLM context (serve.max_model_len)."
+    )
     vllm_gpu_util: float | None = Field(
         None, gt=0.0, le=1.0, description="LF: share of GPU memory vLLM may use (vLLM only)."
     )
@@ -597,8 +631,7 @@ class RayftConfig(_Strict):
             )
         if self.packing and self.stage not in ("pt", "sft"):
             raise ValueError(
-                f"packing applies to stages pt and sft (stage is {self.stage}); "
-                "set packing: false"
+                f"packing applies to stages pt and sft (stage is {self.stage}); set packing: false"
             )
         if self.neat_packing and self.stage != "sft":
             raise ValueError(
@@ -619,7 +652,10 @@ class RayftConfig(_Strict):
                 "interleave_under (or interleave_over / interleave_once), or remove it"
             )
         probs = self.mixing_probabilities
-        for names, key in ((self.dataset_names, "dataset"), (self.eval_dataset_names, "eval_dataset")):
+        for names, key in (
+            (self.dataset_names, "dataset"),
+            (self.eval_dataset_names, "eval_dataset"),
+        ):
             if names and len(names) != len(probs):
                 raise ValueError(
                     f"interleave_probs has {len(probs)} values but {key} names {len(names)} "
@@ -638,7 +674,7 @@ class RayftConfig(_Strict):
         except ValueError:
             raise ValueError(
                 f"interleave_probs {self.interleave_probs!r} is not a comma list of numbers "
-                "(e.g. \"0.7,0.3\")"
+                '(e.g. "0.7,0.3")'
             ) from None
 
     @model_validator(mode="after")
@@ -664,18 +700,24 @@ class RayftConfig(_Strict):
             if self.reward_model is not None and self.reward_funcs:
                 problems.append("reward_model and reward_funcs are both set; use one of them")
             if self.reward_model_type == "api":
-                problems.append("reward_model_type api (an HTTP reward server) is not supported; "
-                                "use lora or full, or call the server from a reward_funcs entry")
+                problems.append(
+                    "reward_model_type api (an HTTP reward server) is not supported; "
+                    "use lora or full, or call the server from a reward_funcs entry"
+                )
             problems += [
                 f"reward_funcs entry {path!r} is not an import path `module:function`"
                 for path in self.reward_funcs or []
                 if path.count(":") != 1 or not all(path.split(":"))
             ]
             if self.ray.effective_strategy != "ddp":
-                problems.append(f"stage {self.stage} supports ray.strategy ddp only "
-                                f"(strategy is {self.ray.effective_strategy})")
+                problems.append(
+                    f"stage {self.stage} supports ray.strategy ddp only "
+                    f"(strategy is {self.ray.effective_strategy})"
+                )
             if self.val_size > 0 or self.eval_dataset is not None:
-                problems.append(f"stage {self.stage} has no evaluation; remove val_size / eval_dataset")
+                problems.append(
+                    f"stage {self.stage} has no evaluation; remove val_size / eval_dataset"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -730,19 +772,30 @@ class RayftConfig(_Strict):
                 "averages gradients over ranks; rayft does not support them, remove them"
             )
         optimizers = [
-            key for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
+            key
+            for key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon")
             if getattr(self, key)
         ] + (["loraplus_lr_ratio"] if self.loraplus_lr_ratio is not None else [])
         if len(optimizers) > 1:
             problems.append(f"choose one optimizer option, got {', '.join(optimizers)}")
-        if self.finetuning_type == "lora" and (self.use_galore or self.use_apollo or self.use_badam):
-            problems.append("use_galore / use_apollo / use_badam need finetuning_type freeze or full")
-        if self.use_badam and self.ray.num_workers > 1 and self.ray.effective_strategy != "deepspeed":
+        if self.finetuning_type == "lora" and (
+            self.use_galore or self.use_apollo or self.use_badam
+        ):
+            problems.append(
+                "use_galore / use_apollo / use_badam need finetuning_type freeze or full"
+            )
+        if (
+            self.use_badam
+            and self.ray.num_workers > 1
+            and self.ray.effective_strategy != "deepspeed"
+        ):
             problems.append(
                 "use_badam switches the trainable block during training, which DDP/FSDP with "
                 "several ray.num_workers cannot follow; use 1 worker or deepspeed"
             )
-        matrix_wise = [key for key in ("use_galore", "use_apollo", "use_muon") if getattr(self, key)]
+        matrix_wise = [
+            key for key in ("use_galore", "use_apollo", "use_muon") if getattr(self, key)
+        ]
         if matrix_wise and self.ray.effective_strategy != "ddp":
             problems.append(
                 f"{matrix_wise[0]} works on whole weight matrices, which ray.strategy "

@@ -19,7 +19,7 @@ from typing import Any
 from configs import RayftConfig, write_resolved
 from jobs.checkpoints import latest_complete
 from jobs.loop import FaultInjection, LoopPlan, plan_steps, train_loop_per_worker
-from jobs.placement import check_cluster_fits
+from jobs.placement import check_cluster_fits, rank0_label_selectors
 from jobs.registry import get_stage
 from jobs.resources import plan_resources
 from jobs.strategies import load_deepspeed_config
@@ -36,7 +36,10 @@ class TrainingOutcome:
 
 
 def run_training(
-    config: RayftConfig, *, total_cpus: float, callbacks: Sequence[Any] = (),
+    config: RayftConfig,
+    *,
+    total_cpus: float,
+    callbacks: Sequence[Any] = (),
     fault: FaultInjection | None = None,
 ) -> TrainingOutcome:
     """Tokenize with Ray Data, train with Ray Train, write LLaMA-Factory-style outputs.
@@ -80,6 +83,7 @@ def run_training(
     resources = plan_resources(total_cpus, num_workers=workers)
     # Before any data work: a run the cluster cannot hold fails here, not as a silent hang.
     check_cluster_fits(config, cpus_per_worker=resources.cpus_per_worker)
+    label_selector = rank0_label_selectors(config, cpus_per_worker=resources.cpus_per_worker)
     stage = get_stage(config.stage)
     data = stage.prepare_data(config, resources.cpus_per_data_task)
     print(f"[rayft] data: {data.report.summary()}", flush=True)
@@ -116,8 +120,11 @@ def run_training(
         train_loop_config=dataclasses.asdict(plan),
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=workers, use_gpu=config.ray.use_gpu, resources_per_worker=per_worker,
+            num_workers=workers,
+            use_gpu=config.ray.use_gpu,
+            resources_per_worker=per_worker,
             placement_strategy=config.ray.placement_strategy,
+            label_selector=label_selector,
         ),
         run_config=RunConfig(
             callbacks=list(callbacks),
@@ -174,7 +181,10 @@ def evaluation_datasets(
     share = held_out_share(config.val_size, rows["train"])
     id_column = get_family(stage.family).id_columns[0]
     train, held_out = split_validation(
-        data.dataset, id_column=id_column, share=share, seed=config.seed,
+        data.dataset,
+        id_column=id_column,
+        share=share,
+        seed=config.seed,
         cpus_per_task=cpus_per_task,
     )
     # Two streaming counting passes (the split is a pure function of each row); nothing is

@@ -107,16 +107,17 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
     )
     model, optimizer = strategy.wrap(model, make_optimizer_factory(config, model))
     reference = (
-        make_reference(
-            config, strategy.unwrap(), dtype=training_dtype(config, on_gpu=on_gpu)
-        )
-        if stage.uses_reference(config) else None
+        make_reference(config, strategy.unwrap(), dtype=training_dtype(config, on_gpu=on_gpu))
+        if stage.uses_reference(config)
+        else None
     )
     step_context = StepContext(model=model, reference=reference, config=config, world=world)
     write_strategy_stats(Path(config.output_dir), strategy, rank=rank)
     warmup = config.warmup_steps or math.ceil(plan.total_steps * config.warmup_ratio)
     scheduler = get_scheduler(
-        config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup,
         num_training_steps=plan.total_steps,
     )
     # A restarted worker group gets the run's latest checkpoint from Ray Train; a new run into
@@ -171,7 +172,10 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
         reported = {"loss": result.loss, "step": step, **result.metrics, **last_eval}
         if step % config.save_steps == 0 or done:
             _report_checkpoint(
-                strategy, scheduler, rank=rank, world=world,
+                strategy,
+                scheduler,
+                rank=rank,
+                world=world,
                 state={"step": step, "epoch": epoch, "micro_in_epoch": micro_index},
                 metrics=reported,
             )
@@ -274,7 +278,8 @@ def _evaluate(
     values = packed.tolist()
     return {
         f"eval_{name}": values[2 * i] / values[2 * i + 1]
-        for i, name in enumerate(names) if values[2 * i + 1] > 0
+        for i, name in enumerate(names)
+        if values[2 * i + 1] > 0
     }
 
 
@@ -302,7 +307,11 @@ class StepResult:
 
 
 def _optimizer_step(
-    context: Any, stage: Any, window: list[dict[str, torch.Tensor]], *, strategy: Any,
+    context: Any,
+    stage: Any,
+    window: list[dict[str, torch.Tensor]],
+    *,
+    strategy: Any,
     scheduler: Any,
 ) -> StepResult:
     """One optimizer step over a window of micro-batches.
@@ -341,7 +350,8 @@ def _optimizer_step(
     values = packed.tolist()
     metrics = {
         name: values[1 + 2 * i] / values[2 + 2 * i]
-        for i, name in enumerate(names) if values[2 + 2 * i] > 0
+        for i, name in enumerate(names)
+        if values[2 + 2 * i] > 0
     }
     return StepResult(loss=values[0] / denominator, metrics=metrics)
 
@@ -380,7 +390,9 @@ def _report_checkpoint(
         if keep:
             write_manifest(path, rank=rank)
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if keep else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}")
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}"
+        )
 
 
 def pick_checkpoint(registered: Any, plan: LoopPlan) -> Any:
@@ -416,9 +428,13 @@ def _resume(checkpoint: Any, strategy: Any, scheduler: Any) -> dict[str, int]:
 
 
 def write_strategy_stats(output_dir: Path, strategy: Any, *, rank: int) -> None:
-    """`strategy_rank<N>.json`: the strategy and how many parameter elements this rank holds."""
+    """`strategy_rank<N>.json`: the strategy, how many parameter elements this rank holds, and
+    the Ray node it runs on (where `ray.rank0_node` put rank 0)."""
+    import ray
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / f"strategy_rank{rank}.json").write_text(json.dumps(strategy.describe()))
+    stats = {**strategy.describe(), "node_id": ray.get_runtime_context().get_node_id()}
+    (output_dir / f"strategy_rank{rank}.json").write_text(json.dumps(stats))
 
 
 def write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
@@ -438,7 +454,12 @@ def write_log(path: Path, record: dict[str, Any], tracker: Any) -> None:
 
 
 def save_final(
-    strategy: Any, tokenizer: Any, config: RayftConfig, *, rank: int, losses: list[float],
+    strategy: Any,
+    tokenizer: Any,
+    config: RayftConfig,
+    *,
+    rank: int,
+    losses: list[float],
     started: float,
 ) -> None:
     """The adapter and tokenizer in `output_dir`, as LLaMA-Factory leaves them.

@@ -14,12 +14,16 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath
+from typing import Any
 
 from configs import RayftConfig
 
 # Folders that are private to each machine even when they look like ordinary paths.
 NODE_LOCAL_ROOTS = ("/tmp", "/var/tmp", "/dev/shm")
 _POLL_S = 5.0
+# Ray gives the head node this resource and every node this label (its node id).
+HEAD_RESOURCE = "node:__internal_head__"
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 class PlacementError(RuntimeError):
@@ -120,6 +124,69 @@ def placement_problem(
             f"(workers per node: {fits}); lower the per-worker request"
         )
     return None
+
+
+def find_rank0_node(
+    wanted: str, per_worker: Mapping[str, float], nodes: Sequence[Mapping[str, Any]]
+) -> str:
+    """The node id `ray.rank0_node` names (`head`, a node IP or a node id) among `nodes`
+    (`ray.nodes()` entries), checked to be alive and able to hold one worker.
+
+    Raises:
+        PlacementError: no such alive node, an IP several nodes share, or a node too small.
+    """
+    alive = [node for node in nodes if node.get("Alive")]
+    matches = {
+        "head": [node for node in alive if HEAD_RESOURCE in node.get("Resources", {})],
+        "ip": [node for node in alive if node.get("NodeManagerAddress") == wanted],
+        "id": [node for node in alive if node.get("NodeID") == wanted],
+    }
+    found = matches["head"] if wanted == "head" else matches["id"] or matches["ip"]
+    listing = "; ".join(
+        f"{node.get('NodeID')} at {node.get('NodeManagerAddress')}"
+        + (" (head)" if HEAD_RESOURCE in node.get("Resources", {}) else "")
+        for node in alive
+    )
+    if not found:
+        raise PlacementError(
+            f"ray.rank0_node={wanted!r} names no alive node; use `head`, an IP or a node id "
+            f"of: {listing}"
+        )
+    if len(found) > 1:
+        raise PlacementError(
+            f"ray.rank0_node={wanted!r}: {len(found)} nodes share this IP; give the node id "
+            f"instead, one of: {listing}"
+        )
+    node = found[0]
+    problem = placement_problem(
+        per_worker, num_workers=1, strategy="PACK", nodes=[node.get("Resources", {})]
+    )
+    if problem:
+        raise PlacementError(
+            f"ray.rank0_node={wanted!r} (node {node['NodeID']}) cannot hold rank 0: {problem}"
+        )
+    return str(node["NodeID"])
+
+
+def worker_label_selectors(rank0_node_id: str, num_workers: int) -> list[dict[str, str]]:
+    """Ray Train's per-worker `label_selector`: the first worker on the chosen node, the others
+    wherever the placement strategy puts them. Ray Train numbers the workers node by node,
+    starting with the first worker's node, so rank 0 runs there."""
+    return [{NODE_ID_LABEL: rank0_node_id}] + [{} for _ in range(num_workers - 1)]
+
+
+def rank0_label_selectors(
+    config: RayftConfig, *, cpus_per_worker: float
+) -> list[dict[str, str]] | None:
+    """The `ScalingConfig.label_selector` that honours `ray.rank0_node`, or None when unset."""
+    if not config.ray.rank0_node:
+        return None
+    import ray
+
+    per_worker = worker_resources(config, cpus_per_worker=cpus_per_worker)
+    node_id = find_rank0_node(config.ray.rank0_node, per_worker, ray.nodes())
+    print(f"[rayft] rank 0 on node {node_id} (ray.rank0_node={config.ray.rank0_node})", flush=True)
+    return worker_label_selectors(node_id, config.ray.num_workers)
 
 
 def check_cluster_fits(config: RayftConfig, *, cpus_per_worker: float) -> None:

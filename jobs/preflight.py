@@ -68,12 +68,33 @@ def check_model_path(config: RayftConfig) -> list[ConfigProblem]:
 def check_output_dir(config: RayftConfig) -> list[ConfigProblem]:
     """Training writes somewhere the user chose."""
     if not config.output_dir:
-        return [ConfigProblem("output_dir", "is required for training; e.g. `output_dir: saves/run`")]
+        return [
+            ConfigProblem("output_dir", "is required for training; e.g. `output_dir: saves/run`")
+        ]
+    return []
+
+
+def check_deepspeed(config: RayftConfig) -> list[ConfigProblem]:
+    """The DeepSpeed JSON exists, parses, and its ZeRO options fit its stage."""
+    from jobs.strategies import StrategyError, load_deepspeed_config
+
+    if config.ray.effective_strategy != "deepspeed" or not config.ray.deepspeed_config:
+        return []
+    try:
+        load_deepspeed_config(config.ray.deepspeed_config)
+    except StrategyError as err:
+        return [ConfigProblem("ray.deepspeed_config", str(err))]
     return []
 
 
 TRAIN_CHECKS = (
-    check_model_path, check_template, check_datasets, check_output_dir, check_stage, check_tracker,
+    check_model_path,
+    check_template,
+    check_datasets,
+    check_output_dir,
+    check_stage,
+    check_tracker,
+    check_deepspeed,
 )
 INFER_CHECKS = (check_model_path, check_template)
 

@@ -16,19 +16,28 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 # Ray's own switch (read once, when ray is imported) for "this host is not part of a cluster".
 _LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Set by Ray's job supervisor in a submitted job's driver (ray._private.runtime_env.constants).
+_JOB_CONFIG_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 @contextlib.contextmanager
-def local_ray(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[float]:
+def local_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+) -> Iterator[float]:
     """Connect to `address`, or start a private loopback-only Ray cluster, and shut it down after.
 
     Args:
         address: a Ray address (``ray://…`` or ``host:port``); ``None`` starts a private cluster.
         num_cpus: CPUs for a private cluster (default: all of this machine's).
+        runtime_env: the `ray.runtime_env` section, for every task and actor of this driver.
 
     Yields:
         The number of CPUs in the cluster.
@@ -39,7 +48,7 @@ def local_ray(address: str | None = None, *, num_cpus: int | None = None) -> Ite
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(**ray_init_kwargs(address, num_cpus=num_cpus))
+        ray.init(**ray_init_kwargs(address, num_cpus=num_cpus, runtime_env=runtime_env))
     try:
         yield float(ray.cluster_resources().get("CPU", 1.0))
     finally:
@@ -65,10 +74,20 @@ def keep_loopback() -> None:
             )
 
 
-def ray_init_kwargs(address: str | None, *, num_cpus: int | None = None) -> dict:
-    """Arguments for `ray.init`: a private 127.0.0.1 cluster when no address is given."""
+def ray_init_kwargs(
+    address: str | None,
+    *,
+    num_cpus: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Arguments for `ray.init`: a private 127.0.0.1 cluster when no address is given.
+
+    `runtime_env` is left out inside a `ray job submit` job: the job already carries it (rayft
+    submit puts `ray.runtime_env` there) and Ray would ignore a second one with a warning.
+    """
+    env = {"runtime_env": runtime_env} if runtime_env and not in_submitted_job() else {}
     if address:
-        return {"address": address, "log_to_driver": True}
+        return {"address": address, "log_to_driver": True, **env}
     return {
         "address": "local",
         "num_cpus": num_cpus or os.cpu_count() or 1,
@@ -78,4 +97,10 @@ def ray_init_kwargs(address: str | None, *, num_cpus: int | None = None) -> dict
         "dashboard_host": LOOPBACK,
         "_node_ip_address": LOOPBACK,
         "log_to_driver": True,
+        **env,
     }
+
+
+def in_submitted_job() -> bool:
+    """True in the driver of a `ray job submit` job (the job supervisor sets this variable)."""
+    return bool(os.environ.get(_JOB_CONFIG_VARIABLE))

@@ -211,11 +211,67 @@ def load_deepspeed_config(path: str) -> dict[str, Any]:
             f"`deepspeed`: {file} has a `scheduler` section; rayft's `lr_scheduler_type` owns "
             "the schedule, remove it"
         )
+    problems = zero_problems(loaded)
+    if problems:
+        raise StrategyError(f"`deepspeed`: {file}: " + "; ".join(problems))
     return loaded
 
 
+def zero_problems(ds_config: dict[str, Any]) -> list[str]:
+    """What in the `zero_optimization` section DeepSpeed would refuse or silently ignore.
+
+    DeepSpeed's own config model checks the types and names (an "auto" value is filled later
+    and skipped here); the stage rules it does not enforce are added: it ignores
+    `offload_param` below stage 3 and `offload_optimizer` at stage 0, so a run the user meant
+    to offload would quietly keep everything on the accelerator.
+    """
+    from pydantic import ValidationError
+
+    section = ds_config.get("zero_optimization") or {}
+    if not isinstance(section, dict):
+        return ["`zero_optimization` must be a JSON object"]
+    problems = []
+    concrete = {key: value for key, value in section.items() if value != "auto"}
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+        DeepSpeedZeroConfig(**concrete)
+    except ValidationError as err:
+        problems += [
+            f"zero_optimization.{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+            for item in err.errors()
+        ]
+    stage = section.get("stage", 0)
+
+    def offloads(key: str) -> bool:
+        target = section.get(key)
+        return isinstance(target, dict) and target.get("device", "none") != "none"
+
+    if offloads("offload_param") and stage != 3:
+        problems.append(
+            f"zero_optimization.offload_param needs ZeRO stage 3 (stage is {stage}); set "
+            '"stage": 3 (configs/deepspeed/ds_z3_offload_config.json) or remove offload_param'
+        )
+    if offloads("offload_optimizer") and stage == 0:
+        problems.append(
+            "zero_optimization.offload_optimizer needs ZeRO stage 1, 2 or 3 (stage is 0); "
+            "raise the stage or remove offload_optimizer"
+        )
+    for key in ("offload_param", "offload_optimizer"):
+        target = section.get(key)
+        if offloads(key) and target.get("device") == "nvme" and not target.get("nvme_path"):
+            problems.append(f'zero_optimization.{key}: device "nvme" needs "nvme_path"')
+    if all((ds_config.get(kind) or {}).get("enabled") is True for kind in ("fp16", "bf16")):
+        problems.append("fp16.enabled and bf16.enabled are both true; enable at most one")
+    return problems
+
+
 def fill_deepspeed_auto(
-    ds_config: dict[str, Any], config: RayftConfig, *, world_size: int, on_gpu: bool,
+    ds_config: dict[str, Any],
+    config: RayftConfig,
+    *,
+    world_size: int,
+    on_gpu: bool,
     hidden_size: int | None,
 ) -> dict[str, Any]:
     """A copy of `ds_config` with every "auto" value taken from our config (as HF Trainer does).
@@ -271,7 +327,7 @@ def fill_deepspeed_auto(
     out.setdefault("zero_allow_untested_optimizer", True)
     left = _auto_keys(out)
     if left:
-        raise StrategyError(f"`deepspeed`: rayft cannot fill \"auto\" for {', '.join(left)}")
+        raise StrategyError(f'`deepspeed`: rayft cannot fill "auto" for {", ".join(left)}')
     return out
 
 
@@ -302,14 +358,20 @@ class DeepSpeedStrategy(Strategy):
 
         hidden = getattr(model.config, "hidden_size", None)
         config = fill_deepspeed_auto(
-            self.ds_config, self.config, world_size=self.world_size, on_gpu=self.on_gpu,
+            self.ds_config,
+            self.config,
+            world_size=self.world_size,
+            on_gpu=self.on_gpu,
             hidden_size=hidden,
         )
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = None if "optimizer" in config else make_optimizer(trainable)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, model_parameters=trainable, config=config,
+            model=model,
+            optimizer=optimizer,
+            model_parameters=trainable,
+            config=config,
             dist_init_required=False,
         )
         self.model = engine
@@ -351,7 +413,8 @@ class DeepSpeedStrategy(Strategy):
                 peft_model = self.unwrap()
                 state = {
                     name: p.detach().clone()
-                    for name, p in peft_model.named_parameters() if p.requires_grad
+                    for name, p in peft_model.named_parameters()
+                    if p.requires_grad
                 }
                 peft_model.save_pretrained(directory, state_dict=state)
 
@@ -363,7 +426,9 @@ class DeepSpeedStrategy(Strategy):
 
     def load_state(self, directory: Path) -> None:
         path, _ = self.model.load_checkpoint(
-            str(directory / "deepspeed"), tag="state", load_module_strict=False,
+            str(directory / "deepspeed"),
+            tag="state",
+            load_module_strict=False,
             load_lr_scheduler_states=False,
         )
         if path is None:
@@ -374,8 +439,10 @@ class DeepSpeedStrategy(Strategy):
         total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
         local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
         return {
-            "strategy": self.name, "zero_stage": self.zero_stage,
-            "param_numel": total, "local_numel": local,
+            "strategy": self.name,
+            "zero_stage": self.zero_stage,
+            "param_numel": total,
+            "local_numel": local,
         }
 
 
@@ -461,7 +528,9 @@ class FSDPStrategy(Strategy):
         # Frozen weights are not in the checkpoint (they come from the base model), so the
         # load is not strict; every trained key is, because `state` was built from them.
         set_state_dict(
-            self.model, self.optimizer, model_state_dict=state["model"],
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
             optim_state_dict=state["optim"],
             options=StateDictOptions(ignore_frozen_params=True, strict=False),
         )

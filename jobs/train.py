@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> TrainingOutcome:
     if not args:
         raise SystemExit("usage: python -m jobs.train CONFIG.yaml [key=value ...]")
     config = load_run_config(args[0], args[1:])
-    with local_ray(config.ray.address) as total_cpus:
+    with local_ray(config.ray.address, runtime_env=config.ray.runtime_env) as total_cpus:
         outcome = run_training(config, total_cpus=total_cpus)
     print(f"[rayft] adapter written to {outcome.output_dir}; final loss {outcome.final_loss}")
     return outcome

@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> Path:
     if not args:
         raise SystemExit("usage: python -m jobs.tune CONFIG.yaml [key=value ...] [--resume]")
     config = load_config(args[0], args[1:], checks=(*TRAIN_CHECKS, check_tune))
-    with local_ray(config.ray.address) as total_cpus:
+    with local_ray(config.ray.address, runtime_env=config.ray.runtime_env) as total_cpus:
         return run_sweep(config, total_cpus=total_cpus, resume=resume)
 
 

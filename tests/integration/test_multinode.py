@@ -1,7 +1,9 @@
 """Training across two (simulated) nodes: `ray.cluster_utils.Cluster` starts a head and a second
 node on this machine, both on 127.0.0.1 with two CPUs each; two workers with
 `placement_strategy: SPREAD` must land one per node and finish. The same cluster checks the
-placement errors: more workers than it can hold, and node-local checkpoints on several nodes.
+placement errors: more workers than it can hold, node-local checkpoints on several nodes, a
+rank-0 node that is ambiguous or absent; the run itself puts rank 0 on the non-head node
+(`ray.rank0_node`) and starts Ray with `ray.runtime_env`.
 
 The cluster lives in a child process because this pytest session may already hold a private
 `ray.init` (the `ray_cluster` fixture); `Cluster.shutdown()` stops exactly what it started.
@@ -34,8 +36,9 @@ SCRIPT = textwrap.dedent(
     from ray.util.state import list_actors
 
     from jobs.launch import run_training
-    from jobs.placement import PlacementError
+    from jobs.placement import HEAD_RESOURCE, PlacementError
     from jobs.preflight import load_run_config
+    from jobs.runtime import ray_init_kwargs
 
     config_path, result_path = sys.argv[1], Path(sys.argv[2])
     def free_port():
@@ -52,12 +55,20 @@ SCRIPT = textwrap.dedent(
     try:
         cluster.add_node(num_cpus=2, dashboard_agent_listen_port=free_port())
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
+        ray.init(**ray_init_kwargs(
+            cluster.address, runtime_env={"env_vars": {"RAYFT_PROBE": "from-runtime-env"}}))
+        result["probe"] = ray.get(
+            ray.remote(num_cpus=0.1)(lambda: __import__("os").environ.get("RAYFT_PROBE")).remote())
         result["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        other = next(n["NodeID"] for n in ray.nodes()
+                     if n["Alive"] and HEAD_RESOURCE not in n["Resources"])
+        result["other_node"] = other
 
         for overrides, key in (
             (["ray.num_workers=5", "ray.resources_per_worker={CPU: 1}"], "too_many"),
             ([f"ray.address={cluster.address}", "ray.storage_path=/tmp/rayft-ckpt"], "storage"),
+            (["ray.rank0_node=127.0.0.1"], "shared_ip"),
+            (["ray.rank0_node=10.9.9.9"], "no_node"),
         ):
             try:
                 run_training(load_run_config(config_path, overrides), total_cpus=4.0)
@@ -66,7 +77,8 @@ SCRIPT = textwrap.dedent(
                 result[key] = str(err)
 
         total = float(ray.cluster_resources()["CPU"])
-        outcome = run_training(load_run_config(config_path), total_cpus=total)
+        outcome = run_training(
+            load_run_config(config_path, [f"ray.rank0_node={other}"]), total_cpus=total)
         result["total_steps"] = outcome.total_steps
         result["final_loss"] = outcome.final_loss
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True,
@@ -151,6 +163,10 @@ def test_two_workers_spread_over_two_nodes(tiny_model_dir: Path, tmp_path: Path)
     assert "ray.storage_path='/tmp/rayft-ckpt'" in result["storage"]
     assert "2 nodes" in result["storage"]
 
+    assert result["probe"] == "from-runtime-env"  # ray.runtime_env reaches the cluster's tasks
+    assert "2 nodes share this IP" in result["shared_ip"]
+    assert "names no alive node" in result["no_node"]
+
     assert result["total_steps"] == 2 and result["final_loss"] is not None
     assert result["worker_nodes"] == result["nodes"]  # one worker on each node
     log = [
@@ -162,3 +178,6 @@ def test_two_workers_spread_over_two_nodes(tiny_model_dir: Path, tmp_path: Path)
         "strategy_rank0.json",
         "strategy_rank1.json",
     ]
+    # ray.rank0_node put rank 0 on the node that is not the head (Ray alone would pick either)
+    rank0 = json.loads((tmp_path / "out" / "strategy_rank0.json").read_text())
+    assert rank0["node_id"] == result["other_node"]

@@ -1,11 +1,24 @@
-"""Placement checks without Ray: missing resources, strict strategies, node-local storage."""
+"""Placement checks without Ray: missing resources, strict strategies, node-local storage, the
+rank-0 node and the runtime_env given to `ray.init`."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from configs import load_config
-from jobs.placement import node_local_storage, placement_problem, storage_problem, worker_resources
+from jobs.placement import (
+    HEAD_RESOURCE,
+    PlacementError,
+    find_rank0_node,
+    node_local_storage,
+    placement_problem,
+    storage_problem,
+    worker_label_selectors,
+    worker_resources,
+)
+from jobs.runtime import ray_init_kwargs
 
 ONE_GPU_NODES = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]
 
@@ -78,3 +91,59 @@ def test_storage_problem_only_for_a_joined_multi_node_cluster() -> None:
     problem = storage_problem(joined, alive_nodes=2)
     assert problem is not None and "ray.storage_path" in problem
     assert "NFS" in problem and "s3://" in problem
+
+
+NODES = [
+    {
+        "NodeID": "aaa",
+        "NodeManagerAddress": "10.0.0.1",
+        "Alive": True,
+        "Resources": {"CPU": 4, HEAD_RESOURCE: 1},
+    },
+    {
+        "NodeID": "bbb",
+        "NodeManagerAddress": "10.0.0.2",
+        "Alive": True,
+        "Resources": {"CPU": 8, "GPU": 2},
+    },
+    {"NodeID": "ccc", "NodeManagerAddress": "10.0.0.2", "Alive": True, "Resources": {"CPU": 8}},
+    {"NodeID": "ddd", "NodeManagerAddress": "10.0.0.3", "Alive": False, "Resources": {"CPU": 8}},
+]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "per_worker", "node_id"),
+    [("head", {"CPU": 1}, "aaa"), ("10.0.0.1", {"CPU": 1}, "aaa"), ("ccc", {"CPU": 2}, "ccc")],
+)
+def test_rank0_node_by_head_ip_or_id(wanted: str, per_worker: dict, node_id: str) -> None:
+    assert find_rank0_node(wanted, per_worker, NODES) == node_id
+
+
+@pytest.mark.parametrize(
+    ("wanted", "per_worker", "text"),
+    [
+        ("10.0.0.9", {"CPU": 1}, "names no alive node; use `head`, an IP or a node id of: aaa"),
+        ("ddd", {"CPU": 1}, "names no alive node"),
+        ("10.0.0.2", {"CPU": 1}, "2 nodes share this IP; give the node id"),
+        ("head", {"CPU": 1, "GPU": 1}, "(node aaa) cannot hold rank 0"),
+    ],
+)
+def test_rank0_node_errors(wanted: str, per_worker: dict, text: str) -> None:
+    with pytest.raises(PlacementError, match=re.escape(text)):
+        find_rank0_node(wanted, per_worker, NODES)
+
+
+def test_rank0_goes_to_the_first_worker() -> None:
+    assert worker_label_selectors("bbb", 3) == [{"ray.io/node-id": "bbb"}, {}, {}]
+
+
+def test_runtime_env_reaches_ray_init_except_inside_a_submitted_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {"env_vars": {"HF_HOME": "/mnt/hf"}}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_init_kwargs(None, num_cpus=2, runtime_env=env)["runtime_env"] == env
+    assert ray_init_kwargs("10.0.0.1:6379", runtime_env=env)["runtime_env"] == env
+    assert "runtime_env" not in ray_init_kwargs(None, num_cpus=2)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert "runtime_env" not in ray_init_kwargs("auto", runtime_env=env)
