@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip && \
 	$(PY) -m pip install --quiet $(TORCH_SPEC) && \
 	$(PY) -m pip install --quiet -e '.[dev]' && \
+	$(PY) -m jobs.ds_ops 2>&1 | tail -1 && \
 	touch $(STAMP) && \
 	echo "setup: environment ready in $$(( $$(date +%s) - start )) s"
 
