@@ -4,7 +4,8 @@ given by import path for grpo).
 
 Each run does 2 rollout steps: losses are finite, the stage's metrics are in
 `trainer_log.jsonl`, the policy adapter trained (LoRA B starts at zero) and reloads with peft;
-ppo's value model reloads as a sequence classifier.
+ppo's value model reloads as a sequence classifier. `ppo_full` (make test-slow) trains the whole
+policy and value models and reloads both with transformers.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 RUNS: dict[str, dict] = {
     "ppo": {"stage": "ppo", "reward_model_type": "full", "ppo_epochs": 2, "ppo_score_norm": True},
+    "ppo_full": {"stage": "ppo", "finetuning_type": "full", "reward_model_type": "full",
+                 "ppo_epochs": 1, "learning_rate": 1.0e-4},
     "grpo": {"stage": "grpo", "reward_funcs": ["tests.fixtures.ppo_rewards:completion_length"],
              "num_generations": 2, "grpo_beta": 0.04, "per_device_train_batch_size": 1},
 }
+PPO_METRICS = {"loss", "ppo/policy_loss", "ppo/value_loss", "ppo/kl", "ppo/reward", "ppo/clipfrac"}
 EXPECTED_METRICS = {
-    "ppo": {"loss", "ppo/policy_loss", "ppo/value_loss", "ppo/kl", "ppo/reward", "ppo/clipfrac"},
+    "ppo": PPO_METRICS,
+    "ppo_full": PPO_METRICS,
     "grpo": {"loss", "grpo/reward", "grpo/kl", "grpo/clipfrac", "grpo/completion_length"},
 }
 
@@ -72,9 +77,11 @@ def trained(ray_cluster: float, tiny_model_dir: Path, reward_model_dir: Path, tm
             "disable_gradient_checkpointing": True,
             "tokenized_cache_dir": str(work / "cache"),
             "ray": {"num_workers": 2},
-            **({"reward_model": str(reward_model_dir)} if name == "ppo" else {}),
+            **({"reward_model": str(reward_model_dir)} if name.startswith("ppo") else {}),
             **RUNS[name],
         }
+        if raw.get("finetuning_type") == "full":
+            del raw["lora_rank"]
         path = work / f"{name}-{max_steps}.yaml"
         path.write_text(yaml.safe_dump(raw))
         config = load_run_config(path)
@@ -88,9 +95,10 @@ def _log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
 
 
-# grpo shares the rollout loop, reward actor and reload path with ppo: `make test-slow` runs it.
+# grpo and full-model ppo share the rollout loop, reward actor and reload path with LoRA ppo:
+# `make test-slow` runs them.
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "grpo" else n for n in RUNS]
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n != "ppo" else n for n in RUNS]
 )
 def test_rollout_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Path) -> None:
     from peft import PeftModel
@@ -102,6 +110,9 @@ def test_rollout_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Pa
     assert [record["current_steps"] for record in log] == [1, 2]
     assert EXPECTED_METRICS[name] <= set(log[-1])
     assert all(math.isfinite(record[key]) for record in log for key in EXPECTED_METRICS[name])
+    if RUNS[name].get("finetuning_type") == "full":
+        _assert_full_models_trained(output, tiny_model_dir)
+        return
     adapter = load_file(output / "adapter_model.safetensors")
     lora_b = [value for key, value in adapter.items() if "lora_B" in key]
     assert lora_b and any(bool(value.abs().sum() > 0) for value in lora_b)  # trained from zero
@@ -113,6 +124,22 @@ def test_rollout_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Pa
         value = PeftModel.from_pretrained(base, output / "value_model").eval()
         with torch.no_grad():
             assert value(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
+
+
+def _assert_full_models_trained(output: Path, base_dir: Path) -> None:
+    """Full-model ppo: the policy is a whole causal LM whose weights moved from the base, and
+    the value model a whole one-label sequence classifier; both reload with transformers."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    base, trained = load_file(base_dir / "model.safetensors"), load_file(output / "model.safetensors")
+    assert base.keys() == trained.keys()
+    assert any(not torch.equal(base[key], trained[key]) for key in base)
+    policy = AutoModelForCausalLM.from_pretrained(output)
+    value = AutoModelForSequenceClassification.from_pretrained(output / "value_model")
+    with torch.no_grad():
+        assert torch.isfinite(policy(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+        assert value(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
 
 
 def test_ppo_checkpoint_holds_policy_value_and_kl_state(trained) -> None:
