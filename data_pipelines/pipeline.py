@@ -58,6 +58,9 @@ from data_pipelines.templates import (
 
 # Where the interleaved raw rows are staged before tokenizing (removed afterwards).
 MIXED_SUBDIR = "mixed"
+# Inputs this small start tokenizing on one actor (see `tokenizer_actors`).
+SMALL_INPUT_ROWS = 10_000
+SMALL_INPUT_BYTES = 16 * 1024 * 1024
 
 
 class TooManyBadRows(ValueError):
@@ -401,6 +404,7 @@ def _tokenize(
                 mixed,
                 replace(task, source_formats=tuple(spec.row_format for spec in specs)),
                 cpus_per_task=cpus_per_task,
+                specs=specs,
             )
     parts = [
         _tokenized(
@@ -408,6 +412,7 @@ def _tokenize(
             _read_limited(config, spec, cpus_per_task=cpus_per_task),
             replace(task, row_format=spec.row_format),
             cpus_per_task=cpus_per_task,
+            specs=[spec],
         )
         for spec in specs
     ]
@@ -460,23 +465,56 @@ class BatchTokenizer:
         return _tokenize_batch(batch, self.spec)
 
 
-def tokenizer_actors(config: Any) -> int:
-    """Tokenizing actors: `preprocessing_num_workers`, else one per CPU of the cluster."""
+def tokenizer_actors(config: Any, specs: list[DatasetSpec]) -> Any:
+    """The tokenizing actor pool: `preprocessing_num_workers` actors, else one per CPU of the
+    cluster. A small input (at most `SMALL_INPUT_ROWS` rows asked for, or local files under
+    `SMALL_INPUT_BYTES`) starts with one actor that the pool grows only while batches queue:
+    every actor pays seconds of imports, more than a small dataset takes to tokenize, while a
+    large one tokenizes faster on a full pool from the start (100k rows: 97 s fixed, 108 s
+    grown from one)."""
     import ray
+    from ray.data import ActorPoolStrategy
 
     if config.preprocessing_num_workers:
-        return config.preprocessing_num_workers
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+        return ActorPoolStrategy(size=config.preprocessing_num_workers)
+    actors = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    source_bytes = _local_bytes(specs)
+    small = (config.max_samples or SMALL_INPUT_ROWS + 1) <= SMALL_INPUT_ROWS or (
+        source_bytes is not None and source_bytes < SMALL_INPUT_BYTES
+    )
+    return (
+        ActorPoolStrategy(min_size=1, max_size=actors) if small else ActorPoolStrategy(size=actors)
+    )
 
 
-def _tokenized(config: Any, rows: Any, task: TokenizeSpec, *, cpus_per_task: float) -> Any:
+def _local_bytes(specs: list[DatasetSpec]) -> int | None:
+    """The size of the datasets' local files (folders walked), or None when one is remote."""
+    total = 0
+    for spec in specs:
+        if not spec.files:
+            return None
+        for name in spec.files:
+            path = Path(name)
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+            total += sum(f.stat().st_size for f in files)
+    return total
+
+
+def _tokenized(
+    config: Any,
+    rows: Any,
+    task: TokenizeSpec,
+    *,
+    cpus_per_task: float,
+    specs: list[DatasetSpec],
+) -> Any:
     return rows.map_batches(
         BatchTokenizer,
         fn_constructor_kwargs={"spec": task},
         batch_format="pyarrow",
         batch_size=get_family(task.family).batch_size,
         num_cpus=cpus_per_task,
-        concurrency=tokenizer_actors(config),
+        compute=tokenizer_actors(config, specs),
     )
 
 
