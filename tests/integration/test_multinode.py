@@ -108,7 +108,6 @@ def _kill_session_of(pid: int) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-@pytest.mark.slow
 def test_two_workers_spread_over_two_nodes(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "multinode.yaml"
     config.write_text(
@@ -138,6 +137,7 @@ def test_two_workers_spread_over_two_nodes(tiny_model_dir: Path, tmp_path: Path)
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
         RAY_agent_register_timeout_ms="180000",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"),
     )
     script = tmp_path / "run_multinode.py"
     script.write_text(SCRIPT)

@@ -77,6 +77,7 @@ def head() -> Iterator[dict]:
         RAY_USAGE_STATS_ENABLED="0",
         # On a busy machine the dashboard agent can take longer than the 30 s default.
         RAY_agent_register_timeout_ms="180000",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2"),
     )
     # The job's `python` must be this interpreter (the venv may not be on PATH).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

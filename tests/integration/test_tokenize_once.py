@@ -34,6 +34,24 @@ def _rows(data) -> list[tuple]:
     return sorted((tuple(r["input_ids"]), tuple(r["labels"])) for r in data.dataset.take_all())
 
 
+def _assert_streamed_equals_in_memory(config, small) -> None:
+    """A cache over `SMALL_CACHE_BYTES` is read by Ray Data tasks instead of handed over in
+    memory: same columns, same rows, same order."""
+    import ray.data
+
+    from data_pipelines import pipeline
+
+    context = ray.data.DataContext.get_current()
+    saved = (pipeline.SMALL_CACHE_BYTES, context.execution_options.preserve_order)
+    pipeline.SMALL_CACHE_BYTES, context.execution_options.preserve_order = 0, True
+    try:
+        streamed = prepare_supervised(config, cpus_per_task=0.25)
+        assert streamed.dataset.schema().names == small.dataset.schema().names
+        assert streamed.dataset.take_all() == small.dataset.take_all()
+    finally:
+        pipeline.SMALL_CACHE_BYTES, context.execution_options.preserve_order = saved
+
+
 def test_second_run_reuses_the_cache_and_changes_invalidate_it(
     ray_cluster: float, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -44,6 +62,7 @@ def test_second_run_reuses_the_cache_and_changes_invalidate_it(
     assert "reusing the tokenized dataset" in capsys.readouterr().out
     assert _rows(first) == _rows(second) and second.report.kept == 100
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
+    _assert_streamed_equals_in_memory(config, second)
 
     prepare_supervised(_config(tiny_model_dir, tmp_path, "cutoff_len=32"), cpus_per_task=0.25)
     assert "tokenized 100 rows once" in capsys.readouterr().out
