@@ -21,7 +21,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
