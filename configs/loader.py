@@ -23,7 +23,7 @@ from configs.schema import RayftConfig
 UNSUPPORTED_KEYS: frozenset[str] = frozenset(
     """
     fsdp
-    streaming buffer_size   do_eval
+    do_eval
     do_predict
     shift_attn use_unsloth enable_liger_kernel resume_from_checkpoint
     image_max_pixels

@@ -449,6 +449,17 @@ class RayftConfig(_Strict):
         description="Tokenized dataset folder (parquet): loaded when it exists, else written "
         "there after tokenizing (`rayft preprocess` writes one).",
     )
+    streaming: bool = Field(
+        False,
+        description="Tokenize while training instead of caching the tokenized dataset first "
+        "(needs max_steps; rows are counted as they stream and reported at the end).",
+    )
+    buffer_size: int = Field(
+        16384,
+        ge=1,
+        description="Streaming only: rows in each trainer's shuffle buffer (LLaMA-Factory's "
+        "streaming shuffle buffer).",
+    )
     tokenized_cache_dir: str = Field(
         "~/.cache/rayft",
         description="Where tokenized datasets are cached by content, so no run tokenizes twice.",
@@ -604,6 +615,33 @@ class RayftConfig(_Strict):
             data = {**data, "stage": "dpo", "pref_loss": data["stage"]}
         return data
 
+    def _streaming_options(self) -> None:
+        """`streaming` has no row count before training: LLaMA-Factory's rules plus what a
+        stream cannot give (a held-out share, an epoch's end, a cache, a mixing plan)."""
+        if not self.streaming:
+            return
+        problems = {
+            "max_steps": self.max_steps <= 0,
+            "val_size": self.val_size > 0,
+            "eval_strategy": self.eval_strategy == "epoch",
+            "tokenized_path": self.tokenized_path is not None,
+            "mix_strategy": self.mix_strategy != "concat" and len(self.dataset_names) > 1,
+        }
+        fixes = {
+            "max_steps": "set max_steps (a stream has no length to count epochs by)",
+            "val_size": "use eval_dataset (tokenized and cached as usual) instead of val_size",
+            "eval_strategy": "use eval_strategy: steps (a stream has no epoch end to wait for)",
+            "tokenized_path": "remove tokenized_path (a stream is never written out) or "
+            "streaming",
+            "mix_strategy": "use mix_strategy: concat (interleaving is planned over counted rows)",
+        }
+        wrong = [key for key, bad in problems.items() if bad]
+        if wrong:
+            raise ValueError(
+                "streaming: true cannot be combined with "
+                + "; ".join(f"{key} ({fixes[key]})" for key in wrong)
+            )
+
     @model_validator(mode="after")
     def _stage_options(self) -> RayftConfig:
         """Options LLaMA-Factory allows for some stages only."""
@@ -624,6 +662,7 @@ class RayftConfig(_Strict):
                 f"eval_strategy {self.eval_strategy} needs evaluation data: set val_size "
                 "(e.g. 0.1) or eval_dataset"
             )
+        self._streaming_options()
         if self.dpo_label_smoothing and self.pref_loss != "sigmoid":
             raise ValueError(
                 f"dpo_label_smoothing applies to pref_loss sigmoid only (pref_loss is "

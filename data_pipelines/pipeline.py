@@ -48,6 +48,7 @@ from data_pipelines.mixing import (
     write_mixed,
 )
 from data_pipelines.readers import read_dataset, unwrap_read_error
+from data_pipelines.streaming import StreamedRows, stream_rows
 from data_pipelines.supervised import SupervisedOptions
 from data_pipelines.templates import (
     Template,
@@ -219,6 +220,9 @@ class PreparedData:
 
     dataset: Any
     report: DataReport
+    stream: StreamedRows | None = None
+    """Set when `streaming`: the rows are counted while training reads them, and `report` is
+    empty until `stream.report()` is asked for at the end."""
 
 
 def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
@@ -251,6 +255,8 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
     ray.data.DataContext.get_current().enable_progress_bars = False
     specs = [resolve_dataset(name, config.dataset_dir) for name in config.dataset_names]
     check_row_kinds(specs, get_family(family), config.stage)
+    if config.streaming:
+        return _stream(config, specs, family=family, cpus_per_task=cpus_per_task)
     target = tokenized_location(config, specs, family=family)
     if is_complete(target) and (config.tokenized_path or not config.overwrite_cache):
         print(f"[rayft] reusing the tokenized dataset in {target}", flush=True)
@@ -276,6 +282,22 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
     publish(staging, target, report.as_dict())
     print(f"[rayft] tokenized {report.total} rows once; cached in {target}", flush=True)
     return _load(target, cpus_per_task=cpus_per_task)
+
+
+def _stream(
+    config: Any, specs: list[DatasetSpec], *, family: str, cpus_per_task: float
+) -> PreparedData:
+    """The lazy read → tokenize → count plan, executed by the trainers' data ingest."""
+    print("[rayft] streaming: rows are tokenized while training and counted at the end")
+    # The config refuses interleaving with streaming, so no staging folder is needed.
+    tokenized = _tokenize(config, specs, family=family, cpus_per_task=cpus_per_task, staging=None)
+    rows, stream = stream_rows(
+        tokenized,
+        max_bad_fraction=config.max_bad_fraction,
+        packed=packing_enabled(config),
+        cpus_per_task=cpus_per_task,
+    )
+    return PreparedData(dataset=rows, report=DataReport(), stream=stream)
 
 
 def packing_enabled(config: Any) -> bool:
@@ -410,9 +432,16 @@ def encode_options(config: Any) -> EncodeOptions:
 
 
 def _tokenize(
-    config: Any, specs: list[DatasetSpec], *, family: str, cpus_per_task: float, staging: Path
+    config: Any,
+    specs: list[DatasetSpec],
+    *,
+    family: str,
+    cpus_per_task: float,
+    staging: Path | None,
 ) -> Any:
-    """The lazy Ray Data plan: read → limit → (mix) → convert + template + tokenize."""
+    """The lazy Ray Data plan: read → limit → (mix) → convert + template + tokenize.
+
+    `staging` holds the mixed raw rows when interleaving (not available to a stream)."""
     task = TokenizeSpec(
         template=template_spec(config),
         row_format=specs[0].row_format,
@@ -420,6 +449,8 @@ def _tokenize(
         family=family,
     )
     if mixing(config) != "concat":
+        if staging is None:
+            raise ValueError(f"mix_strategy {config.mix_strategy} needs a staging folder")
         with _ordered():
             mixed = _mix(config, specs, cpus_per_task=cpus_per_task, folder=staging / MIXED_SUBDIR)
             return _tokenized(
@@ -444,7 +475,7 @@ def _tokenize(
 
 def _read_limited(config: Any, spec: DatasetSpec, *, cpus_per_task: float) -> Any:
     """A dataset's raw rows, cut to `max_samples` / its `num_samples` (per dataset, as in LF)."""
-    ds = read_dataset(spec, cpus_per_task=cpus_per_task)
+    ds = read_dataset(spec, cpus_per_task=cpus_per_task, streaming=config.streaming)
     limit = min(filter(None, (config.max_samples, spec.num_samples)), default=None)
     return ds.limit(limit) if limit else ds
 

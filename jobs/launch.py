@@ -86,8 +86,9 @@ def run_training(
     label_selector = rank0_label_selectors(config, cpus_per_worker=resources.cpus_per_worker)
     stage = get_stage(config.stage)
     data = stage.prepare_data(config, resources.cpus_per_data_task)
-    print(f"[rayft] data: {data.report.summary()}", flush=True)
-    data.report.write(output_dir)
+    if data.stream is None:
+        print(f"[rayft] data: {data.report.summary()}", flush=True)
+        data.report.write(output_dir)
     datasets, rows = evaluation_datasets(config, stage, data, resources.cpus_per_data_task)
 
     _, micro, steps_per_epoch, total_steps = plan_steps(
@@ -98,9 +99,11 @@ def run_training(
             f"{rows['eval']} evaluation rows cannot feed {workers} workers (each rank evaluates "
             "its own share); raise val_size or add eval data"
         )
+    examples = "streamed" if data.stream else f"{data.report.training_examples} examples"
+    per_epoch = f"{steps_per_epoch} step(s)/epoch, " if steps_per_epoch else ""
     print(
-        f"[rayft] {data.report.training_examples} examples, {workers} worker(s) "
-        f"({config.ray.effective_strategy}), {steps_per_epoch} step(s)/epoch, {total_steps} step(s) in total",
+        f"[rayft] {examples}, {workers} worker(s) ({config.ray.effective_strategy}), "
+        f"{per_epoch}{total_steps} step(s) in total",
         flush=True,
     )
     plan = LoopPlan(
@@ -137,6 +140,8 @@ def run_training(
         dataset_config=_ordered_ingest(DataConfig),
     )
     result = trainer.fit()
+    if data.stream is not None:
+        finish_stream(data.stream, config, output_dir)
     if config.plot_loss:
         plot_loss(output_dir)
     results = json.loads((output_dir / "all_results.json").read_text())
@@ -146,6 +151,22 @@ def run_training(
         final_loss=results.get("final_loss"),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
     )
+
+
+def finish_stream(stream: Any, config: RayftConfig, output_dir: Path) -> None:
+    """A streamed run's row counts, known only now: printed, written, and held against
+    `max_bad_fraction` (the stream itself fails early once enough rows have passed)."""
+    from data_pipelines.pipeline import TooManyBadRows
+
+    report = stream.report()
+    print(f"[rayft] streamed data: {report.summary()}", flush=True)
+    report.write(output_dir)
+    if report.total and (report.total - report.kept) / report.total > config.max_bad_fraction:
+        raise TooManyBadRows(
+            f"{report.summary()}: more than max_bad_fraction={config.max_bad_fraction} of the "
+            f"streamed rows are malformed (the run's outputs in {output_dir} were trained on the "
+            "rest); fix the data or raise `max_bad_fraction`"
+        )
 
 
 def _ordered_ingest(data_config: Any) -> Any:
@@ -159,7 +180,7 @@ def _ordered_ingest(data_config: Any) -> Any:
 
 def evaluation_datasets(
     config: RayftConfig, stage: Any, data: Any, cpus_per_task: float
-) -> tuple[dict[str, Any], dict[str, int]]:
+) -> tuple[dict[str, Any], dict[str, int | None]]:
     """The Ray datasets of a run ("train", and "eval" when evaluating) and their row counts.
 
     `eval_dataset` is tokenized like the training data (and cached the same way); `val_size`
@@ -168,10 +189,15 @@ def evaluation_datasets(
     from data_pipelines.families import get_family
     from data_pipelines.splits import held_out_share, split_validation
 
-    rows = {"train": data.report.training_examples}
+    rows: dict[str, int | None] = {
+        "train": None if data.stream else data.report.training_examples
+    }
     if config.eval_dataset:
+        # Evaluation data are tokenized and cached even when training streams: evaluation
+        # needs their row count to give every rank its share.
         held_out = stage.prepare_data(
-            config.model_copy(update={"dataset": config.eval_dataset}), cpus_per_task
+            config.model_copy(update={"dataset": config.eval_dataset, "streaming": False}),
+            cpus_per_task,
         )
         print(f"[rayft] eval data: {held_out.report.summary()}", flush=True)
         rows["eval"] = held_out.report.training_examples

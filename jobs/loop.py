@@ -33,7 +33,7 @@ class LoopPlan:
     """Numbers the driver computes once and hands to every worker."""
 
     config: dict[str, Any]
-    micro_per_epoch: int
+    micro_per_epoch: int | None  # None for a stream
     total_steps: int
     torch_threads: int
     resume_from: str | None = None
@@ -53,12 +53,17 @@ class FaultInjection:
     rank: int = 1
 
 
-def plan_steps(config: RayftConfig, *, rows: int, world_size: int) -> tuple[int, int, int, int]:
+def plan_steps(
+    config: RayftConfig, *, rows: int | None, world_size: int
+) -> tuple[int | None, int | None, int | None, int]:
     """Rows per rank, micro-batches and optimizer steps per epoch, and steps in total.
 
     Ray Data gives every rank the same number of rows (`equal=True` split), so each rank
     sees `rows // world_size` rows; a trailing partial accumulation window still steps.
+    A stream (`rows` None) has no epoch size; the config makes sure `max_steps` is set.
     """
+    if rows is None:
+        return None, None, None, config.max_steps
     rows_per_rank = rows // world_size
     if rows_per_rank == 0:
         raise ValueError(
@@ -162,7 +167,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
                 **mean_metrics(metrics_since_log),
                 **{name: round(value, 4) for name, value in evaluated.items()},
                 "lr": scheduler.get_last_lr()[0],
-                "epoch": round(epoch + micro_index / plan.micro_per_epoch, 2),
+                "epoch": epoch_progress(epoch, micro_index, plan.micro_per_epoch),
                 "elapsed_time": round(time.time() - started, 1),
             }
             losses_since_log.clear()
@@ -190,7 +195,7 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
         batches = shard.iter_torch_batches(
             batch_size=config.per_device_train_batch_size,
             collate_fn=_stage_collate(stage, pad_id),
-            local_shuffle_buffer_size=4 * config.per_device_train_batch_size,
+            local_shuffle_buffer_size=shuffle_buffer(config),
             local_shuffle_seed=config.seed + epoch,
         )
         for batch in batches:
@@ -223,6 +228,19 @@ def train_loop_per_worker(plan_dict: dict[str, Any]) -> None:
             tracker.close()
     if dist.is_initialized():
         dist.barrier()
+
+
+def epoch_progress(epoch: int, micro_index: int, micro_per_epoch: int | None) -> float:
+    """Epochs done, with the current one's fraction; a stream's epochs count whole passes."""
+    if not micro_per_epoch:
+        return float(epoch)
+    return round(epoch + micro_index / micro_per_epoch, 2)
+
+
+def shuffle_buffer(config: RayftConfig) -> int:
+    """Rows in a rank's local shuffle buffer: `buffer_size` for a stream (LLaMA-Factory's
+    streaming shuffle), else four micro-batches (the cache's order is already fixed)."""
+    return config.buffer_size if config.streaming else 4 * config.per_device_train_batch_size
 
 
 def _maybe_fail(fault: dict[str, Any] | None, *, step: int, rank: int) -> None:

@@ -108,9 +108,9 @@ def _trained(config: RayftConfig, model: Any, *, world: int, on_gpu: bool, total
     return Trained(strategy, scheduler)
 
 
-def rollout_steps(config: RayftConfig, *, micro_per_epoch: int, planned: int) -> int:
+def rollout_steps(config: RayftConfig, *, micro_per_epoch: int | None, planned: int) -> int:
     """Rollout steps of a run: `max_steps`, else the epochs' prompts over each step's share."""
-    if config.max_steps > 0:
+    if config.max_steps > 0 or micro_per_epoch is None:  # a stream always has max_steps
         return planned
     per_step = config.gradient_accumulation_steps * (
         config.ppo_buffer_size if config.stage == "ppo" else 1
@@ -143,12 +143,14 @@ def _prompt_stream(
 ) -> Iterator[tuple[int, int, list[list[int]]]]:
     """(epoch, micro-batch index in the epoch, prompts) forever, skipping what a resumed run
     already consumed."""
+    from jobs.loop import shuffle_buffer
+
     epoch = start_epoch
     while True:
         index = 0
         for batch in shard.iter_batches(
             batch_size=config.per_device_train_batch_size, batch_format="numpy",
-            local_shuffle_buffer_size=4 * config.per_device_train_batch_size,
+            local_shuffle_buffer_size=shuffle_buffer(config),
             local_shuffle_seed=config.seed + epoch,
         ):
             index += 1
@@ -244,6 +246,7 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
 
     from jobs.loop import (
         LoopPlan,
+        epoch_progress,
         mean_metrics,
         pick_checkpoint,
         save_final,
@@ -320,7 +323,7 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
             record = {
                 "current_steps": step, "total_steps": total_steps, **mean_metrics(since_log),
                 "lr": policy.scheduler.get_last_lr()[0],
-                "epoch": round(epoch + micro_index / plan.micro_per_epoch, 2),
+                "epoch": epoch_progress(epoch, micro_index, plan.micro_per_epoch),
                 "elapsed_time": round(time.time() - started, 1),
             }
             since_log.clear()
