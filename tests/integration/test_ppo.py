@@ -4,8 +4,8 @@ given by import path for grpo).
 
 Each run does 2 rollout steps: losses are finite, the stage's metrics are in
 `trainer_log.jsonl`, the policy adapter trained (LoRA B starts at zero) and reloads with peft;
-ppo's value model reloads as a sequence classifier. `ppo_full` (make test-slow) trains the whole
-policy and value models and reloads both with transformers.
+ppo's value model reloads as a sequence classifier. `ppo_full` and `grpo_full` (make
+test-slow) train the whole policy (and ppo's value model) and reload them with transformers.
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ RUNS: dict[str, dict] = {
                  "ppo_epochs": 1, "learning_rate": 1.0e-4},
     "grpo": {"stage": "grpo", "reward_funcs": ["tests.fixtures.ppo_rewards:completion_length"],
              "num_generations": 2, "grpo_beta": 0.04, "per_device_train_batch_size": 1},
+    "grpo_full": {"stage": "grpo", "finetuning_type": "full", "learning_rate": 1.0e-4,
+                  "reward_funcs": ["tests.fixtures.ppo_rewards:completion_length"],
+                  "num_generations": 2, "per_device_train_batch_size": 1},
 }
 PPO_METRICS = {"loss", "ppo/policy_loss", "ppo/value_loss", "ppo/kl", "ppo/reward", "ppo/clipfrac"}
 EXPECTED_METRICS = {
     "ppo": PPO_METRICS,
     "ppo_full": PPO_METRICS,
     "grpo": {"loss", "grpo/reward", "grpo/kl", "grpo/clipfrac", "grpo/completion_length"},
+    "grpo_full": {"loss", "grpo/reward", "grpo/clipfrac", "grpo/completion_length"},
 }
 
 
@@ -95,10 +99,10 @@ def _log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
 
 
-# grpo and full-model ppo share the rollout loop, reward actor and reload path with LoRA ppo:
-# `make test-slow` runs them.
+# Full-model ppo and grpo share the rollout loop, reward actor and reload path with the LoRA
+# runs: `make test-slow` runs them.
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n != "ppo" else n for n in RUNS]
+    "name", [n if n in ("ppo", "grpo") else pytest.param(n, marks=pytest.mark.slow) for n in RUNS]
 )
 def test_rollout_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Path) -> None:
     from peft import PeftModel
@@ -111,7 +115,7 @@ def test_rollout_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Pa
     assert EXPECTED_METRICS[name] <= set(log[-1])
     assert all(math.isfinite(record[key]) for record in log for key in EXPECTED_METRICS[name])
     if RUNS[name].get("finetuning_type") == "full":
-        _assert_full_models_trained(output, tiny_model_dir)
+        _assert_full_models_trained(output, tiny_model_dir, value=RUNS[name]["stage"] == "ppo")
         return
     adapter = load_file(output / "adapter_model.safetensors")
     lora_b = [value for key, value in adapter.items() if "lora_B" in key]
@@ -126,9 +130,10 @@ def test_rollout_stage_trains_and_reloads(name: str, trained, tiny_model_dir: Pa
             assert value(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
 
 
-def _assert_full_models_trained(output: Path, base_dir: Path) -> None:
-    """Full-model ppo: the policy is a whole causal LM whose weights moved from the base, and
-    the value model a whole one-label sequence classifier; both reload with transformers."""
+def _assert_full_models_trained(output: Path, base_dir: Path, *, value: bool) -> None:
+    """Full-model ppo / grpo: the policy is a whole causal LM whose weights moved from the
+    base, and ppo's value model a whole one-label sequence classifier; both reload with
+    transformers."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -136,10 +141,14 @@ def _assert_full_models_trained(output: Path, base_dir: Path) -> None:
     assert base.keys() == trained.keys()
     assert any(not torch.equal(base[key], trained[key]) for key in base)
     policy = AutoModelForCausalLM.from_pretrained(output)
-    value = AutoModelForSequenceClassification.from_pretrained(output / "value_model")
     with torch.no_grad():
         assert torch.isfinite(policy(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
-        assert value(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
+    if value:
+        critic = AutoModelForSequenceClassification.from_pretrained(output / "value_model")
+        with torch.no_grad():
+            assert critic(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 1)
+    else:
+        assert not (output / "value_model").exists()
 
 
 def test_ppo_checkpoint_holds_policy_value_and_kl_state(trained) -> None:

@@ -100,7 +100,7 @@ def _log(output_dir: Path) -> list[dict]:
 
 
 # Same code paths as runs kept in CI (QLoRA: test_finetuning_methods trains it under sft).
-SLOW = {"orpo", "dpo_qlora", "pt_full", "rm_full", "kto_full"}
+SLOW = {"dpo_qlora", "pt_full", "rm_full", "kto_full"}
 
 
 def _cases(names: list[str]) -> list:
