@@ -27,20 +27,22 @@ RUNS: dict[str, dict] = {
     "dpo": {"stage": "dpo", "dataset": "dpo_en_demo", "pref_ftx": 0.5, "max_samples": 12,
             "val_size": 0.4, "eval_strategy": "steps", "eval_steps": 1},
     "orpo": {"stage": "orpo", "dataset": "dpo_en_demo"},
+    # SimPO's path is ORPO's (reference-free, per-token means); its loss is checked against
+    # TRL in tests/unit/test_preference_losses.py.
+    "simpo": {"stage": "simpo", "dataset": "dpo_en_demo"},
     # QLoRA on a preference stage: 4-bit base (fp32 compute on CPU); the reference is the same
-    # quantized base with the adapter off. (SimPO's path is ORPO's: reference-free; its loss
-    # is checked against TRL in tests/unit/test_preference_losses.py.)
+    # quantized base with the adapter off.
     "dpo_qlora": {"stage": "dpo", "dataset": "dpo_en_demo", "quantization_bit": 4},
     "kto": {"stage": "kto", "dataset": "kto_en_demo"},
     # sft on two datasets interleaved, examples neat-packed into 256-token rows.
     "sft_neat": {"stage": "sft", "dataset": "alpaca_en_demo,identity", "cutoff_len": 256,
                  "mix_strategy": "interleave_under", "neat_packing": True},
 }
-# Full fine-tuning of every stage (sft full is in test_finetuning_methods.py): the weights are
-# saved whole, and dpo/kto load a separate frozen reference model.
+# Full fine-tuning of every stage (sft full is in test_finetuning_methods.py, ppo/grpo full in
+# test_ppo.py): the weights are saved whole, and dpo/kto load a separate frozen reference model.
 FULL_RUNS: dict[str, dict] = {
     f"{name}_full": {**RUNS[name], "finetuning_type": "full", "learning_rate": 1.0e-3}
-    for name in ("pt", "rm", "dpo", "kto")
+    for name in ("pt", "rm", "dpo", "kto", "orpo", "simpo")
 }
 for values in FULL_RUNS.values():
     values.pop("pref_ftx", None)
@@ -51,6 +53,7 @@ EXPECTED_METRICS = {
     "dpo": {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected"},
     "orpo": {"rewards/accuracies", "logps/chosen"},
+    "simpo": {"rewards/accuracies", "rewards/margins", "logps/chosen"},
     "dpo_qlora": {"rewards/accuracies", "rewards/margins"},
     "kto": {"rewards/chosen", "rewards/rejected", "kl"},
     "sft_neat": set(),
@@ -100,7 +103,7 @@ def _log(output_dir: Path) -> list[dict]:
 
 
 # Same code paths as runs kept in CI (QLoRA: test_finetuning_methods trains it under sft).
-SLOW = {"dpo_qlora", "pt_full", "rm_full", "kto_full"}
+SLOW = {"simpo", "dpo_qlora", *(name for name in FULL_RUNS if name != "dpo_full")}
 
 
 def _cases(names: list[str]) -> list:
