@@ -75,14 +75,14 @@ class StreamedRows:
 
 
 def batch_digest(batch: pa.Table) -> str:
-    """A digest of a tokenized batch's contents (the same rows give the same digest)."""
-    digest = hashlib.sha1(usedforsecurity=False)
-    for column in batch.columns:
-        for chunk in column.chunks:
-            for buffer in chunk.buffers():
-                if buffer is not None:
-                    digest.update(buffer)
-    return digest.hexdigest()
+    """A digest of a tokenized batch's rows: equal rows give equal digests whatever their
+    memory layout. Hashing the raw buffers would not do: a zero-copy slice shares its parent's
+    buffers, so two different slices of one block would look alike. The Arrow IPC stream of
+    the combined batch holds exactly the batch's rows."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_table(batch.combine_chunks())
+    return hashlib.sha1(sink.getvalue().to_pybytes(), usedforsecurity=False).hexdigest()
 
 
 def count_and_drop(

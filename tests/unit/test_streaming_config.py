@@ -1,13 +1,16 @@
-"""`streaming: true`: what it needs and what it cannot be combined with, checked at load time."""
+"""`streaming: true`: what it needs and what it cannot be combined with (checked at load
+time), and how a stream knows a batch it has already counted."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 
 from configs import ConfigError, load_config
+from data_pipelines.streaming import batch_digest
 from jobs.loop import epoch_progress, plan_steps, shuffle_buffer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,3 +71,17 @@ def test_several_conflicts_are_reported_together(tiny_model_dir: Path, tmp_path:
         _load(tmp_path, tiny_model_dir, tokenized_path="tok")
     text = str(caught.value)
     assert "max_steps (" in text and "tokenized_path (" in text
+
+
+def test_a_batch_digest_depends_on_the_rows_not_on_their_memory_layout() -> None:
+    """Zero-copy slices of one block share buffers; they must still count as different rows,
+    and a re-read batch (a fresh table, or several chunks) as the same rows."""
+    def table(start: int, stop: int) -> pa.Table:
+        ids = [[i, i + 1] for i in range(start, stop)]
+        return pa.table({"input_ids": ids, "skip_reason": [""] * len(ids)})
+
+    block = table(0, 10)
+    first, second = block.slice(0, 5), block.slice(5, 5)
+    assert batch_digest(first) != batch_digest(second)
+    assert batch_digest(second) == batch_digest(table(5, 10))
+    assert batch_digest(pa.concat_tables([table(5, 7), table(7, 10)])) == batch_digest(second)
