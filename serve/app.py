@@ -5,8 +5,9 @@ Routes (relative to ``ServeArgs.route_prefix``): ``GET /v1/models``,
 events with ``stream: true``), ``GET /health``. Every error is an OpenAI error body
 (``{"error": {"message", "type", "param", "code"}}``) with a status the official clients map
 to their exception classes: 400 bad request, 401 missing or wrong API key, 404 unknown model or
-route, 405 wrong method, 413 body too large, 415 not JSON, 500 engine failure; Serve's proxy
-answers 429 when ``max_queued_requests`` is exceeded.
+route, 405 wrong method, 413 body too large, 415 not JSON, 429 (with ``Retry-After``) when a
+replica already holds ``max_ongoing_requests + max_queued_requests`` requests
+(`serve.admission`), 500 engine failure.
 
 Each application serves ``model_name`` and, on the same weights, every adapter of
 ``ServeArgs.adapters`` under its own name. With ``tools``, the answer is parsed for tool calls in
@@ -43,6 +44,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.admission import Admission, Ticket, serve_limit
 from serve.args import ServeArgs
 from serve.auth import bearer_ok, load_api_keys
 from serve.engine import (
@@ -84,12 +86,20 @@ logger = logging.getLogger(__name__)
 # Hosts that mean "this machine": the returned URL and the readiness probe use loopback.
 _LOCAL_HOSTS = {"0.0.0.0", "::", "localhost", "127.0.0.1"}
 _READY_TIMEOUT_S = 60.0
+# Seconds a client refused with 429 is asked to wait (the official clients honour it).
+RETRY_AFTER_S = 1
 
 api = FastAPI(title="rayft", summary="OpenAI-compatible completions for rayft models")
 
 
 def error_response(
-    status: int, message: str, *, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    kind: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """An OpenAI error body with its HTTP status.
 
@@ -98,13 +108,16 @@ def error_response(
         message: what went wrong and, for the caller's errors, how to fix it.
         param: the request field at fault.
         code: a machine-readable code (``model_not_found`` …).
+        kind: the error ``type`` (default: ``invalid_request_error`` below 500, else
+            ``server_error``).
+        headers: extra response headers (``Retry-After`` …).
 
     Returns:
         The JSON response.
     """
-    kind = "invalid_request_error" if status < 500 else "server_error"
+    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
     body = ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -130,6 +143,19 @@ def _usage(results: list[ChatResult]) -> Usage:
     )
 
 
+def active_requests(args: ServeArgs) -> int:
+    """Requests a replica generates for at once: ``max_ongoing_requests``, but at least
+    ``max_batch_size``, or batches could never fill."""
+    return max(args.max_ongoing_requests, args.max_batch_size)
+
+
+def replica_capacity(args: ServeArgs) -> int | None:
+    """Requests one replica holds (generating + queued) before it answers 429; None: no bound."""
+    if args.max_queued_requests is None:
+        return None
+    return active_requests(args) + args.max_queued_requests
+
+
 # Defined before the deployment class: module names bound after it were missing in the replica
 # (a NameError under Ray Serve), so every helper the class uses comes first.
 class _StreamFailed(Exception):
@@ -140,7 +166,9 @@ class _StreamFailed(Exception):
         self.event = event
 
 
-def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+def _event_stream(events: AsyncIterator[str], ticket: Ticket) -> StreamingResponse:
+    """The events as server-sent events; the request's admission ticket is freed at the end."""
+
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
@@ -148,6 +176,8 @@ def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
         except _StreamFailed as failed:
             yield failed.event
             yield SSE_DONE
+        finally:
+            ticket.release()
 
     return StreamingResponse(
         body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
@@ -163,6 +193,9 @@ class ChatServer:
         self.args = args
         self.api_keys = load_api_keys(args)
         self.engine = load_engine(args)
+        self.admission = Admission(
+            capacity=replica_capacity(args), active_limit=active_requests(args)
+        )
         self._generate_batch.set_max_batch_size(args.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
@@ -187,14 +220,23 @@ class ChatServer:
         """Answer a chat request: ``n`` choices, or one streamed choice."""
         try:
             req = await self._read(request, parse_chat_request)
+            ticket = self._admit()
+        except _Reject as reject:
+            return reject.response
+        streamed = False
+        try:
             gen = await self._prepare(
                 self.engine.prepare_chat, req.plain_messages(), req, tools=req.tool_dicts()
             )
             if req.stream:
-                return _event_stream(self._chat_events(req, gen))
+                streamed = True
+                return _event_stream(self._chat_events(req, gen), ticket)
             results = await self._generate(gen)
         except _Reject as reject:
             return reject.response
+        finally:
+            if not streamed:
+                ticket.release()
         choices = []
         for i, r in enumerate(results):
             message, finish = self._answer(req, r)
@@ -208,12 +250,21 @@ class ChatServer:
         """Continue a raw-text prompt (no chat template): ``n`` choices, or one streamed."""
         try:
             req = await self._read(request, parse_completion_request)
+            ticket = self._admit()
+        except _Reject as reject:
+            return reject.response
+        streamed = False
+        try:
             gen = await self._prepare(self.engine.prepare_completion, req.prompt, req)
             if req.stream:
-                return _event_stream(self._completion_events(req, gen))
+                streamed = True
+                return _event_stream(self._completion_events(req, gen), ticket)
             results = await self._generate(gen)
         except _Reject as reject:
             return reject.response
+        finally:
+            if not streamed:
+                ticket.release()
         return CompletionResponse(
             model=req.model,
             choices=[
@@ -224,6 +275,22 @@ class ChatServer:
         )
 
     # -- request intake ----------------------------------------------------------------------
+
+    def _admit(self) -> Ticket:
+        ticket = self.admission.enter()
+        if ticket is None:
+            raise _Reject(
+                error_response(
+                    429,
+                    f"this replica is busy: {self.admission.capacity} requests are already "
+                    "generating or queued (serve.max_ongoing_requests + "
+                    "serve.max_queued_requests); retry after the Retry-After delay",
+                    code="rate_limit_exceeded",
+                    kind="requests",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                )
+            )
+        return ticket
 
     def _authorize(self, request: Request) -> None:
         if self.api_keys is not None and not bearer_ok(
@@ -329,7 +396,8 @@ class ChatServer:
 
     async def _generate(self, gen: GenerationRequest) -> list[ChatResult]:
         try:
-            return await self._generate_batch(gen)
+            async with self.admission.active:
+                return await self._generate_batch(gen)
         except Exception as exc:
             logger.exception("generation failed")
             raise _Reject(
@@ -425,8 +493,9 @@ class ChatServer:
         cancel = threading.Event()
         steps: Iterator[StreamDelta] = self.engine.stream(gen, cancel=cancel)
         try:
-            while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                yield step
+            async with self.admission.active:
+                while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                    yield step
         except Exception as exc:
             logger.exception("streamed generation failed")
             detail = ErrorDetail(
@@ -459,7 +528,10 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
 def deployment_options(args: ServeArgs) -> dict:
     """Ray Serve deployment options `args` implies: resources, replicas or autoscaling, queue.
 
-    ``max_ongoing_requests`` is at least ``max_batch_size``, or batches could never fill.
+    With a bound queue, Serve may route more requests to a replica than it holds, so that the
+    excess reaches the app and gets its OpenAI-style 429 (`serve.admission`). Serve's own queue
+    stays unbounded: under a burst its router briefly queues requests it has not yet assigned,
+    and a bound there answered them with its plain-text 429 before any replica was full.
     """
     actor: dict = {"num_cpus": args.num_cpus_per_replica}
     custom = {k: v for k, v in args.resources_per_replica.items() if k != "GPU"}
@@ -469,12 +541,11 @@ def deployment_options(args: ServeArgs) -> dict:
         actor["resources"] = custom
     options: dict = {
         "ray_actor_options": actor,
-        "max_ongoing_requests": max(args.max_ongoing_requests, args.max_batch_size),
+        "max_ongoing_requests": active_requests(args),
     }
-    if args.max_queued_requests is not None:
-        # Past the queue, Serve's proxy answers 429 with Retry-After (clients back off).
-        options["max_queued_requests"] = args.max_queued_requests
-        options["backpressure_config"] = {"status_code": 429, "retry_after_s": 1}
+    capacity = replica_capacity(args)
+    if capacity is not None:
+        options["max_ongoing_requests"] = serve_limit(capacity)
     if args.autoscaling is not None:
         options["autoscaling_config"] = args.autoscaling.model_dump(exclude_none=True)
     else:

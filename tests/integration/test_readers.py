@@ -62,6 +62,23 @@ def test_json_blocks_reads_arrays_and_lines_alike() -> None:
     assert len(blocks) == len(ROWS)
 
 
+def test_json_lines_stream_across_chunk_boundaries() -> None:
+    """Chunks cut anywhere (inside a BOM, a line, a multi-byte character) give the same rows
+    and line numbers as the whole file."""
+    rows = [{"text": f"caf\u00e9 \u2028 {i}"} for i in range(7)]
+    data = b"\xef\xbb\xbf\n" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode()
+    for size in (1, 2, 3, 5, 64):
+        chunks = [data[i : i + size] for i in range(0, len(data), size)]
+        assert [r for t in json_blocks(chunks, "a.jsonl") for r in t.to_pylist()] == rows
+    broken = data + b"\n{oops}\n"
+    chunks = [broken[i : i + 3] for i in range(0, len(broken), 3)]
+    with pytest.raises(DatasetError, match=r"a.jsonl:9: invalid JSON line"):
+        list(json_blocks(chunks, "a.jsonl"))
+    array = b"\xef\xbb\xbf  \n" + json.dumps(rows).encode()
+    chunks = [array[i : i + 2] for i in range(0, len(array), 2)]
+    assert [r for t in json_blocks(chunks, "a.json") for r in t.to_pylist()] == rows
+
+
 def test_json_lines_split_on_newlines_only() -> None:
     line = json.dumps({"text": "a\u2028b"}, ensure_ascii=False).encode()
     assert next(json_blocks(line, "a.jsonl")).to_pylist() == [{"text": "a\u2028b"}]
@@ -76,7 +93,9 @@ def test_json_lines_split_on_newlines_only() -> None:
         (b'[{"a": 1}, 3]', r"x.jsonl: item 1 of the JSON array is not an object"),
         (b"", r"x.jsonl holds no rows"),
         (b"[]", r"x.jsonl holds no rows"),
-        (b"\xff\xfe", r"x.jsonl: not UTF-8 text"),
+        (b"\xff\xfe", r"x.jsonl:1: not UTF-8 text"),
+        (b'{"a": 1}\n{"a": "\xff"}\n', r"x.jsonl:2: not UTF-8 text"),
+        (b'[{"a": "\xff"}]', r"x.jsonl: not UTF-8 text"),
         (b'{"a": "x", "b": 1}\n{"a": ["y"], "b": 2}\n', r"column `a` mixes value types"),
     ],
 )

@@ -143,6 +143,7 @@ def test_200_requests_at_concurrency_16_all_complete(apps: dict[str, str]) -> No
 def test_over_the_queue_limit_clients_get_429_never_a_crash(apps: dict[str, str]) -> None:
     client = OpenAI(base_url=apps["tight"], api_key="none", max_retries=0, timeout=120)
     outcomes: list[object] = []
+    refusals: list[tuple[object, str | None]] = []
     barrier = threading.Barrier(12)
 
     def ask() -> None:
@@ -154,6 +155,7 @@ def test_over_the_queue_limit_clients_get_429_never_a_crash(apps: dict[str, str]
             outcomes.append([c.choices[0].finish_reason for c in stream][-1])
         except openai.APIStatusError as exc:
             outcomes.append(exc.status_code)
+            refusals.append((exc.body, exc.response.headers.get("retry-after")))
 
     threads = [threading.Thread(target=ask) for _ in range(12)]
     for thread in threads:
@@ -164,6 +166,10 @@ def test_over_the_queue_limit_clients_get_429_never_a_crash(apps: dict[str, str]
     assert 429 in outcomes  # the queue (2) and the replica (1) cannot hold 12
     assert {o for o in outcomes if isinstance(o, int)} == {429}  # no 5xx
     assert any(o in ("stop", "length") for o in outcomes)
+    # Refused by the app, not Serve's proxy: an OpenAI error body the client parsed.
+    for body, retry_after in refusals:
+        assert isinstance(body, dict) and body["code"] == "rate_limit_exceeded", body
+        assert "max_queued_requests" in body["message"] and retry_after == "1"
     # The official client backs off on 429 (Retry-After) and then gets its answer.
     patient = OpenAI(base_url=apps["tight"], api_key="none", max_retries=5, timeout=120)
     answer = patient.chat.completions.create(

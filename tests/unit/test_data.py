@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,14 @@ from transformers import AutoTokenizer
 
 from data_pipelines.converters import BadRow, convert_alpaca
 from data_pipelines.dataset_info import Columns, RowFormat
-from data_pipelines.pipeline import SKIP_COLUMN, TemplateSpec, TokenizeSpec, tokenize_rows
+from data_pipelines.pipeline import (
+    SKIP_COLUMN,
+    DataReport,
+    TemplateSpec,
+    TokenizeSpec,
+    TooManyBadRows,
+    tokenize_rows,
+)
 from data_pipelines.supervised import SupervisedOptions, split_budget
 
 COLUMNS = RowFormat(columns=Columns(history="history", system="system"))
@@ -24,7 +32,9 @@ COLUMNS = RowFormat(columns=Columns(history="history", system="system"))
         (60, 40, 20, (12, 8)),  # both long: proportional
     ],
 )
-def test_split_budget_follows_llamafactory(source: int, target: int, budget: int, expected: tuple) -> None:
+def test_split_budget_follows_llamafactory(
+    source: int, target: int, budget: int, expected: tuple
+) -> None:
     assert split_budget(source, target, budget) == expected
 
 
@@ -84,3 +94,15 @@ def test_tokenize_rows_counts_instead_of_dropping(tiny_tokenizer_dir: Path) -> N
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     answer = [t for t in out["labels"][0] if t != -100]
     assert tokenizer.decode(answer) == "I am Rayft.<|im_end|>\n"
+
+
+def test_report_check_fails_past_max_bad_fraction_only() -> None:
+    report = DataReport(total=10, kept=7, skipped=Counter({"empty response": 3}))
+    report.check(0.3)  # exactly at the limit is allowed
+    with pytest.raises(
+        TooManyBadRows,
+        match=r"7/10 rows kept; skipped empty response: 3: more "
+        r"than max_bad_fraction=0.2 .*\(streamed\); fix the data",
+    ):
+        report.check(0.2, note=" (streamed)")
+    DataReport().check(0.0)  # no rows: nothing to hold against the limit

@@ -142,8 +142,12 @@ def test_build_app_passes_queue_resources_and_autoscaling_delays() -> None:
         }
     )._bound_deployment
     config = deployment._deployment_config
-    assert config.max_queued_requests == 4
-    assert config.backpressure_config.status_code == 429  # not Serve's default 503
+    # The app answers 429 itself; Serve's queue stays unbounded (its router briefly queues a
+    # burst, and a bound there answered with a plain-text 429 before the replica was full).
+    assert config.max_queued_requests == -1
+    # The replica holds 32 (max_ongoing_requests) + 4 queued itself; Serve routes past that so
+    # the excess reaches the app's JSON 429 instead of the proxy's plain-text one.
+    assert config.max_ongoing_requests == 36 + 64
     assert deployment.ray_actor_options["num_gpus"] == 1
     assert deployment.ray_actor_options["resources"] == {"accelerator_type:L4": 0.1}
     autoscaling = config.autoscaling_config
@@ -152,6 +156,22 @@ def test_build_app_passes_queue_resources_and_autoscaling_delays() -> None:
         ServeArgs(model_path="m", resources_per_replica={"CPU": 2})
     with pytest.raises(ValueError, match="also model_name"):
         ServeArgs(model_path="m", model_name="a", adapters={"a": "/x"})
+
+
+def test_admission_refuses_past_capacity_and_frees_each_place_once() -> None:
+    from serve.admission import Admission, serve_limit
+
+    gate = Admission(capacity=2, active_limit=1)
+    first, second = gate.enter(), gate.enter()
+    assert first is not None and second is not None
+    assert gate.enter() is None
+    first.release()
+    first.release()  # idempotent: a stream's end and a failed hand-off may both release
+    assert gate.held == 1
+    assert gate.enter() is not None and gate.enter() is None
+    unbounded = Admission(capacity=None, active_limit=1)
+    assert all(unbounded.enter() is not None for _ in range(100))
+    assert (serve_limit(3), serve_limit(100)) == (67, 200)
 
 
 def test_max_model_len_shrinks_the_context_window(tiny_model_dir: Path) -> None:

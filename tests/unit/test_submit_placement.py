@@ -18,7 +18,7 @@ from jobs.placement import (
     worker_label_selectors,
     worker_resources,
 )
-from jobs.runtime import ray_init_kwargs
+from jobs.runtime import IDLE_WORKERS_MIN, idle_workers_kept, ray_init_kwargs
 
 ONE_GPU_NODES = [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}]
 
@@ -135,6 +135,13 @@ def test_rank0_node_errors(wanted: str, per_worker: dict, text: str) -> None:
 
 def test_rank0_goes_to_the_first_worker() -> None:
     assert worker_label_selectors("bbb", 3) == [{"ray.io/node-id": "bbb"}, {}, {}]
+
+
+def test_private_cluster_keeps_idle_workers_beyond_its_cpu_count() -> None:
+    config = ray_init_kwargs(None, num_cpus=2)["_system_config"]
+    assert config == {"num_workers_soft_limit": IDLE_WORKERS_MIN}
+    assert idle_workers_kept(16) == 32
+    assert "_system_config" not in ray_init_kwargs("10.0.0.1:6379")
 
 
 def test_runtime_env_reaches_ray_init_except_inside_a_submitted_job(
