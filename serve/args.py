@@ -174,8 +174,8 @@ class ServeArgs(BaseModel):
         default=None,
         ge=1,
         description=(
-            "Requests queued in front of busy replicas at most; more get HTTP 429 with "
-            "Retry-After. None: unbounded (they wait)."
+            "Requests each replica queues behind its max_ongoing_requests; more get an "
+            "OpenAI-style HTTP 429 with Retry-After. None: unbounded (they wait)."
         ),
     )
     max_batch_size: int = Field(
