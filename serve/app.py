@@ -29,6 +29,7 @@ Two ways in:
 # inspect.signature (without evaluating strings), so FastAPI would see `request: "Request"` as a
 # query parameter.
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -36,13 +37,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from serve.admission import Admission, Ticket, serve_limit
 from serve.args import ServeArgs
@@ -54,7 +56,7 @@ from serve.engine import (
     RequestError,
     StreamDelta,
 )
-from serve.engines import load_engine
+from serve.engines import ContinuousBatching, load_engine
 from serve.protocol import (
     SSE_DONE,
     AssistantMessage,
@@ -166,6 +168,27 @@ class _StreamFailed(Exception):
         self.event = event
 
 
+class _AdmittedStream(StreamingResponse):
+    """A streamed response that frees its request's admission ticket however it ends.
+
+    The body's own ``finally`` does not run when the body never starts (the client left before
+    the first event was sent): freeing the ticket when the response is done being sent covers
+    that case, so an abandoned stream cannot keep its place in the replica for good.
+    """
+
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket) -> None:
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self.ticket = ticket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
 def _event_stream(events: AsyncIterator[str], ticket: Ticket) -> StreamingResponse:
     """The events as server-sent events; the request's admission ticket is freed at the end."""
 
@@ -179,9 +202,7 @@ def _event_stream(events: AsyncIterator[str], ticket: Ticket) -> StreamingRespon
         finally:
             ticket.release()
 
-    return StreamingResponse(
-        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return _AdmittedStream(body(), ticket)
 
 
 @serve.deployment
@@ -397,6 +418,8 @@ class ChatServer:
     async def _generate(self, gen: GenerationRequest) -> list[ChatResult]:
         try:
             async with self.admission.active:
+                if isinstance(self.engine, ContinuousBatching):
+                    return await self.engine.generate_async(gen)
                 return await self._generate_batch(gen)
         except Exception as exc:
             logger.exception("generation failed")
@@ -491,10 +514,12 @@ class ChatServer:
         generation.
         """
         cancel = threading.Event()
-        steps: Iterator[StreamDelta] = self.engine.stream(gen, cancel=cancel)
         try:
-            async with self.admission.active:
-                while (step := await asyncio.to_thread(next, steps, None)) is not None:
+            async with (
+                self.admission.active,
+                contextlib.aclosing(self._engine_stream(gen, cancel)) as steps,
+            ):
+                async for step in steps:
                     yield step
         except Exception as exc:
             logger.exception("streamed generation failed")
@@ -504,8 +529,24 @@ class ChatServer:
             # An HTTP status cannot change once streaming began: the error is the last event.
             raise _StreamFailed(sse(ErrorResponse(error=detail))) from exc
         finally:
-            # Not steps.close(): a cancelled request may leave `next` running in its thread.
+            # A synchronous stream is stopped by `cancel`, not closed: a cancelled request may
+            # leave `next` running in its thread.
             cancel.set()
+
+    async def _engine_stream(
+        self, gen: GenerationRequest, cancel: threading.Event
+    ) -> AsyncIterator[StreamDelta]:
+        """The engine's deltas on this event loop: a continuous-batching engine's own async
+        stream (closed with this one, which aborts it), or a synchronous stream pulled step by
+        step from a worker thread (stopped by `cancel`)."""
+        if isinstance(self.engine, ContinuousBatching):
+            async with contextlib.aclosing(self.engine.stream_async(gen)) as steps:
+                async for step in steps:
+                    yield step
+            return
+        steps = self.engine.stream(gen, cancel=cancel)
+        while (step := await asyncio.to_thread(next, steps, None)) is not None:
+            yield step
 
 
 def build_app(args: dict | ServeArgs) -> serve.Application:

