@@ -228,12 +228,18 @@ def _serve_args(
     vllm_memory: float = VLLM_MEMORY,
     replica_cpus: float = REPLICA_CPUS,
     eager: bool = True,
+    dtype: str = "auto",
 ) -> object:
     from data_pipelines.templates import get_template
     from serve import ServeArgs
 
     chat = get_template(template)
-    extra = {"max_model_len": 512, "enforce_eager": eager, "gpu_memory_utilization": vllm_memory}
+    extra = {
+        "max_model_len": 512,
+        "enforce_eager": eager,
+        "gpu_memory_utilization": vllm_memory,
+        "dtype": dtype,
+    }
     return ServeArgs(
         model_path=model,
         model_name="rayft",
@@ -247,7 +253,13 @@ def _serve_args(
 
 
 def _serve_rayft_vllm(
-    model: str, port: int, vllm_memory: float, replica_cpus: float, template: str, eager: bool
+    model: str,
+    port: int,
+    vllm_memory: float,
+    replica_cpus: float,
+    template: str,
+    eager: bool,
+    dtype: str,
 ) -> None:
     """Child mode (in the vllm venv): rayft's app on the vLLM engine until SIGTERM, which ends
     the private Ray cluster it started (SystemExit unwinds `local_ray`)."""
@@ -269,6 +281,7 @@ def _serve_rayft_vllm(
             vllm_memory=vllm_memory,
             replica_cpus=replica_cpus,
             eager=eager,
+            dtype=dtype,
         )
         run_server(args, blocking=True)
 
@@ -315,14 +328,24 @@ def rayft_vllm_server(
     replica_cpus: float = REPLICA_CPUS,
     template: str = TEMPLATE,
     eager: bool = True,
+    dtype: str = "auto",
 ) -> Iterator[tuple[str, str]]:
     """rayft's Serve app with the vLLM engine, in the vllm venv (this script's child mode)."""
     cmd = [str(vllm_python), __file__, "--serve-rayft-vllm", model, "--port", str(port)]
     cmd += ["--vllm-memory", str(vllm_memory), "--replica-cpus", str(replica_cpus)]
-    cmd += ["--template", template, *([] if eager else ["--vllm-compile"])]
+    cmd += ["--template", template, "--vllm-dtype", dtype, *([] if eager else ["--vllm-compile"])]
     env = {**_vllm_env(), "PYTHONPATH": str(REPO_ROOT)}
     with _child_server(cmd, f"http://127.0.0.1:{port}/health", env=env):
         yield f"http://127.0.0.1:{port}/v1", "rayft"
+
+
+def _vllm_cpu_dtype() -> str:
+    """The dtype rayft's vLLM engine picks for ``dtype: auto`` on this CPU (float32 without
+    bf16 instructions, bfloat16 with them), given to the raw server too."""
+    from serve.vllm_engine import _cpu_flags, vllm_dtype
+
+    chosen = vllm_dtype("auto", cuda=False, cpu_flags=_cpu_flags())
+    return "bfloat16" if chosen == "auto" else chosen
 
 
 @contextmanager
@@ -334,8 +357,9 @@ def raw_vllm_server(
     vllm_memory: float = VLLM_MEMORY,
     template: str = TEMPLATE,
     eager: bool = True,
+    dtype: str = "auto",
 ) -> Iterator[tuple[str, str]]:
-    """vLLM's own OpenAI server on the same model, chat template and context window."""
+    """vLLM's own OpenAI server on the same model, chat template, context window and dtype."""
     from data_pipelines.templates import get_template
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,7 +383,7 @@ def raw_vllm_server(
             "512",
             *(["--enforce-eager"] if eager else []),
             "--dtype",
-            "float32",
+            _vllm_cpu_dtype() if dtype == "auto" else dtype,
             "--gpu-memory-utilization",
             str(vllm_memory),
         ]
@@ -399,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
         "running eagerly",
     )
     parser.add_argument(
+        "--vllm-dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="dtype of both vLLM rows (auto: what rayft's vLLM engine picks on this CPU)",
+    )
+    parser.add_argument(
         "--template", default=TEMPLATE, help="chat template (rayft's names, as LLaMA-Factory's)"
     )
     parser.add_argument(
@@ -415,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             args.replica_cpus,
             args.template,
             not args.vllm_compile,
+            args.vllm_dtype,
         )
         return 0
     chosen = [name.strip() for name in args.servers.split(",") if name.strip()]
@@ -429,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             vllm_memory=args.vllm_memory,
             template=args.template,
             eager=not args.vllm_compile,
+            dtype=args.vllm_dtype,
         )
         cpus = args.replica_cpus
         available = {
@@ -482,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nmodel: {args.model or 'tiny test model'}; {args.requests} requests, greedy, "
         f"max_tokens={args.max_tokens}, template {args.template}; rayft replicas reserve "
-        f"{args.replica_cpus:g} CPUs; vLLM {'compiled' if args.vllm_compile else 'eager'}"
+        f"{args.replica_cpus:g} CPUs; vLLM {'compiled' if args.vllm_compile else 'eager'}, "
+        f"{_vllm_cpu_dtype() if args.vllm_dtype == 'auto' else args.vllm_dtype} "
+        "(transformers and LLaMA-Factory: float32)"
     )
     print(f"{'server':32} {'conc':>4} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7} {'tokens':>7}")
     for name, concurrency, f in rows:
