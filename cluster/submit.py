@@ -58,6 +58,8 @@ EXCLUDED_DIR_NAMES = frozenset(
     """.git .hg .svn .venv venv .tox .cache __pycache__ .pytest_cache .ruff_cache .mypy_cache
     .ipynb_checkpoints node_modules""".split()
 )
+# The file every virtual environment has at its top: such a folder is left out whatever its name.
+VENV_MARKER = "pyvenv.cfg"
 # Left out at the project's top level: outputs, build products and the test suite.
 EXCLUDED_TOP_LEVEL = frozenset("saves build dist tests wandb mlruns".split())
 EXCLUDED_SUFFIXES = (".egg-info", ".pyc")  # build metadata, bytecode
@@ -161,6 +163,8 @@ def plan_upload(
 def _excluded_reason(path: Path, root: Path, excluded: set[Path]) -> str | None:
     if path.name in EXCLUDED_DIR_NAMES and path.is_dir():
         return "cache" if path.name == "__pycache__" else "not code"
+    if (path / VENV_MARKER).is_file():  # a virtual environment under any name (.venv-vllm)
+        return "not code"
     if path.name in EXCLUDED_FILE_NAMES:
         return "ignore rules"
     if path.name.endswith(EXCLUDED_SUFFIXES):

@@ -31,6 +31,8 @@ def _project(tmp_path: Path) -> Path:
         "data/huge.json": 3000,
         ".git/HEAD": 5,
         ".venv/bin/python": 5,
+        "vllm-env/pyvenv.cfg": 5,  # a virtual environment under another name
+        "vllm-env/lib/vllm.so": 20,
         "saves/run/adapter.safetensors": 50,
         "outs/model.bin": 20,
         "pkg.egg-info/PKG-INFO": 5,
@@ -47,7 +49,15 @@ def test_plan_upload_leaves_out_vcs_envs_outputs_and_large_files(tmp_path: Path)
     assert [path for path, _ in plan.files] == ["data/small.json", "jobs/train.py"]
     assert plan.total_bytes == 110
     skipped = dict(plan.skipped)
-    assert {".git/", ".venv/", "saves/", "outs/", "pkg.egg-info/", "data/huge.json"} <= set(skipped)
+    assert {
+        ".git/",
+        ".venv/",
+        "vllm-env/",
+        "saves/",
+        "outs/",
+        "pkg.egg-info/",
+        "data/huge.json",
+    } <= set(skipped)
     assert "MiB" in skipped["data/huge.json"]
     assert "jobs/__pycache__/" not in skipped  # caches are left out silently
     summary = plan.summary()
