@@ -291,7 +291,7 @@ def _child_server(
     cmd: list[str], url: str, *, env: dict[str, str], timeout_s: float = 600
 ) -> Iterator[None]:
     """A server in its own process group, stopped with everything it started."""
-    import signal
+    from tests.fixtures.processes import stop_group
 
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
@@ -305,12 +305,7 @@ def _child_server(
         print(log.read()[-3000:], file=sys.stderr)
         raise
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
 
 

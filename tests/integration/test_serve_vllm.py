@@ -16,9 +16,7 @@ usual fixture's 16.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +33,7 @@ from openai import AsyncOpenAI, OpenAI
 from cluster.cli import serve_args_from_config
 from configs import load_config
 from serve import TransformersEngine
+from tests.fixtures.processes import stop_group
 
 pytestmark = pytest.mark.ray
 
@@ -144,13 +143,7 @@ def vllm_server(vllm_config: Path) -> Iterator[str]:
         _wait_healthy(f"http://127.0.0.1:{port}/health", proc, log)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have exited on its own
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
         log.close()
 
 
