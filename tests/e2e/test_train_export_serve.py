@@ -7,7 +7,6 @@ safetensors export, and a Serve deployment answering the official `openai` clien
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,10 @@ from data_pipelines.templates import get_template
 from jobs.export import export_merged
 from jobs.launch import run_training
 from jobs.preflight import load_infer_config, load_run_config
+from tests.fixtures.servers import free_loopback_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "Give three tips for staying healthy."
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +51,7 @@ def trained(ray_cluster: float, tiny_model_dir: Path, tmp_path_factory: pytest.T
                 "lora_rank": 8,
                 "temperature": 0,
                 "max_new_tokens": 12,
-                "serve": {"port": _free_port()},
+                "serve": {"port": free_loopback_port()},
                 "ray": {"num_workers": 2},
             }
         )

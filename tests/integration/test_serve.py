@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from openai import OpenAI
 
 from serve import ServeArgs, TransformersEngine, run_server
 from serve.engine import ChatTemplateMissingError
+from tests.fixtures.servers import free_loopback_port
 
 pytestmark = pytest.mark.ray
 
@@ -52,12 +52,6 @@ KEYS_ENV_VAR = "RAYFT_TEST_SERVE_KEYS"
 # them, inherit this process's environment as it was when Ray started.
 os.environ[KEYS_ENV_VAR] = ",".join(ENV_KEYS)
 _RUNNING: dict = {}  # while the applications run: their URLs and what shuts them down
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +94,7 @@ def base_args(tiny_model_dir: Path) -> ServeArgs:
         chat_template=CHATML,
         stop_words=["<|im_end|>"],
         max_new_tokens=32,
-        port=_free_loopback_port(),
+        port=free_loopback_port(),
         num_cpus_per_replica=0.5,
     )
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -25,6 +24,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from serve import ServeArgs, run_server
+from tests.fixtures.servers import free_loopback_port
 
 pytestmark = pytest.mark.ray
 
@@ -33,12 +33,6 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 PROMPTS = ["Hi", "Who are you?", "2+2", "Name three colours.", "Tell me a story."]
-
-
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def apps(ray_cluster: float, tiny_model_dir: Path) -> Iterator[dict[str, str]]:
         "chat_template": CHATML,
         "stop_words": ["<|im_end|>"],
         "max_new_tokens": 12,
-        "port": _free_loopback_port(),
+        "port": free_loopback_port(),
         "num_cpus_per_replica": 0.5,
     }
     urls = {

@@ -33,7 +33,7 @@ from openai import AsyncOpenAI, OpenAI
 from cluster.cli import serve_args_from_config
 from configs import load_config
 from serve import TransformersEngine
-from tests.fixtures.processes import stop_group
+from tests.fixtures.servers import free_loopback_port, stop_group
 
 pytestmark = pytest.mark.ray
 
@@ -47,14 +47,6 @@ requires_vllm = pytest.mark.skipif(
     not VLLM_PYTHON.exists(),
     reason=f"no vLLM venv at {VLLM_PYTHON} (make setup-vllm, or set RAYFT_VLLM_PYTHON)",
 )
-
-
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def vllm_config(
             "dtype": "float32",
             "model_name": "wide",
             "adapters": {"wide-lora": str(wide_adapter_dir)},
-            "port": _free_loopback_port(),
+            "port": free_loopback_port(),
         },
     }
     path.write_text(yaml.safe_dump(fields))

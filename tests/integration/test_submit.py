@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,14 +23,10 @@ import pytest
 import requests
 import yaml
 
+from tests.fixtures.servers import free_loopback_port
+
 ROOT = Path(__file__).resolve().parents[2]
 RAYFT = [sys.executable, "-m", "cluster.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _own_pids(temp_dir: str) -> set[int]:
@@ -81,19 +76,19 @@ def head() -> Iterator[dict]:
     )
     # The job's `python` must be this interpreter (the venv may not be on PATH).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    dashboard = _free_port()
+    dashboard = free_loopback_port()
     command = [
         str(Path(sys.executable).parent / "ray"),
         "start",
         "--head",
         "--node-ip-address=127.0.0.1",
-        f"--port={_free_port()}",
+        f"--port={free_loopback_port()}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--ray-client-server-port={free_loopback_port()}",
         "--num-cpus=2",
         # The job agent's HTTP port (default 52365) may belong to another Ray on this host.
-        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_loopback_port()}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
