@@ -13,8 +13,10 @@ Each application serves ``model_name`` and, on the same weights, every adapter o
 ``ServeArgs.adapters`` under its own name. With ``tools``, the answer is parsed for tool calls in
 the template's tool format (`serve.tools`).
 
-Non-streamed requests that arrive together are decoded together (`serve.batch`); streamed ones
-are generated one at a time as they come.
+On the transformers engine, non-streamed requests that arrive together are decoded together
+(`serve.batch`) and streamed ones one at a time as they come. A continuous-batching engine
+(vLLM, `serve.engines.ContinuousBatching`) gets every request, streamed or not, as it arrives
+and batches them itself.
 
 Two ways in:
     - a KubeRay RayService: ``import_path: serve.app:build_app`` with the `ServeArgs` fields
