@@ -3,7 +3,11 @@
 Builds N alpaca rows (the demo rows repeated with variations), then times, end to end from a
 fresh process (Ray start-up included for rayft), `rayft preprocess` and LLaMA-Factory's
 `get_dataset` with the same number of worker processes, and prints rows/s, tokens/s and the
-ratio. With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory per size
+ratio. A last line gives the floor of any Ray pipeline on this machine, measured in the same
+run: starting a private cluster, one worker process loading the tokenizer, and the bare Rust
+encoding of each row's prompt and response spread perfectly over every CPU; no Python per
+row, no reading or writing. When it exceeds half of LLaMA-Factory's time, 2x is out of reach
+here whatever the pipeline does. With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory per size
 instead, to show it stays flat: the summed RSS of the whole process tree (Ray workers
 included), the summed PSS (shared pages split between the processes mapping them, so an
 object-store block or a library counts once) and, at the PSS peak, each kind of process's share;
@@ -174,6 +178,69 @@ def run_llamafactory(
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def encode_floor(data_dir: Path, tokenizer: Path) -> float:
+    """CPU seconds one process spends in `tokenizers`' encode of every row's prompt and
+    response text alone: work any implementation with this tokenizer must do (the template's
+    own text and all bookkeeping come on top), so it bounds what parallel workers can reach."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_file(str(tokenizer / "tokenizer.json"))
+    texts: list[str] = []
+    with (data_dir / "bench.jsonl").open() as rows:
+        for line in rows:
+            row = json.loads(line)
+            prompt = "\n".join(filter(None, (row["instruction"], row["input"])))
+            texts += [prompt, row["output"]]
+    started = time.process_time()
+    for text in texts:
+        backend.encode(text, add_special_tokens=False)
+    return time.process_time() - started
+
+
+RAY_START = """
+import time
+started = time.perf_counter()
+from jobs.runtime import local_ray
+with local_ray():
+    print(time.perf_counter() - started)
+"""
+
+
+TOKENIZER_LOAD = """
+import sys, time
+started = time.perf_counter()
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[1])
+print(time.perf_counter() - started)
+"""
+
+
+def fresh_python_seconds(code: str, *args: str) -> float:
+    """Seconds `code` reports from a fresh interpreter of rayft's venv (its last line)."""
+    done = subprocess.run(
+        [str(ROOT / ".venv/bin/python"), "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def floor_line(data_dir: Path, tokenizer: Path, cpus: int, lf_seconds: float) -> str:
+    """What 2x LLaMA-Factory would need, next to the least any Ray pipeline can take here."""
+    encode = encode_floor(data_dir, tokenizer)
+    ray_start = fresh_python_seconds(RAY_START)
+    worker_start = fresh_python_seconds(TOKENIZER_LOAD, str(tokenizer))
+    floor = encode / cpus + ray_start + worker_start
+    return (
+        f"{'':14}floor of any Ray pipeline here: starting Ray {ray_start:.1f} s + a worker "
+        f"loading the tokenizer {worker_start:.1f} s + encoding the texts alone "
+        f"{encode:.1f} CPU-s / {cpus} CPUs = {floor:.1f} s; 2x LLaMA-Factory needs "
+        f"<= {lf_seconds / 2:.1f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,7 +299,8 @@ def main() -> None:
                 line += (
                     f"\n{'':14}LLaMA-Factory: {theirs['seconds']:7.1f} s  {theirs['rows'] / theirs['seconds']:9.0f} rows/s  "
                     f"{theirs['tokens'] / theirs['seconds']:11.0f} tok/s\n{'':14}speed-up: {theirs['seconds'] / ours['seconds']:.2f}x "
-                    f"(same {ours['tokens']} tokens)"
+                    f"(same {ours['tokens']} tokens)\n"
+                    + floor_line(data, tokenizer, psutil.cpu_count() or 1, theirs["seconds"])
                 )
             print(line, flush=True)
 

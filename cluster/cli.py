@@ -42,8 +42,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from jobs.preflight import load_run_config
 
     config = load_run_config(args.config, args.overrides)
-    print(f"{args.config}: OK (stage {config.stage}, {config.finetuning_type}, "
-          f"datasets {', '.join(config.dataset_names)}, template {config.template})")
+    print(
+        f"{args.config}: OK (stage {config.stage}, {config.finetuning_type}, "
+        f"datasets {', '.join(config.dataset_names)}, template {config.template})"
+    )
     return 0
 
 
@@ -67,7 +69,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     config = load_run_config(args.config, overrides)
     with local_ray(config.ray.address, runtime_env=config.ray.runtime_env) as total_cpus:
         plan = plan_resources(total_cpus, num_workers=config.ray.num_workers)
-        data = get_stage(config.stage).prepare_data(config, plan.cpus_per_data_task)
+        data = get_stage(config.stage).prepare_data(config, plan.cpus_per_data_task, load=False)
     print(f"{data.report.summary()}; written to {args.output.resolve()}")
     return 0
 
@@ -265,8 +267,9 @@ def cmd_expand_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-command per verb."""
-    parser = argparse.ArgumentParser(prog="rayft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="rayft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "validate": (cmd_validate, "check a config and list every problem"),

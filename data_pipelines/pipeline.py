@@ -66,6 +66,12 @@ SMALL_INPUT_BYTES = 16 * 1024 * 1024
 # tokenizing actor needs a few blocks of a few MiB queued, not the whole dataset.
 BUFFER_BYTES_MIN = 512 << 20
 BUFFER_BYTES_PER_CPU = 32 << 20
+# Largest block a preprocessing task emits (Ray Data's default is 128 MiB; see
+# `_bounded_buffers`).
+BLOCK_BYTES = 8 << 20
+# Tokenizing CPUs per concurrent parquet write task: writing costs about an eighth of
+# tokenizing (100k rows on 2 CPUs: ~3 of ~25 CPU-s), and every writer process holds ~200 MiB.
+TOKENIZING_CPUS_PER_WRITER = 8
 
 
 class TooManyBadRows(ValueError):
@@ -235,6 +241,7 @@ class PreparedData:
     """Tokenized rows ready for Ray Train, and the report of what was kept."""
 
     dataset: Any
+    """The rows as a `ray.data.Dataset`; None when they were not to be read back."""
     report: DataReport
     stream: StreamedRows | None = None
     """Set when `streaming`: the rows are counted while training reads them, and `report` is
@@ -246,7 +253,9 @@ def prepare_supervised(config: Any, *, cpus_per_task: float) -> PreparedData:
     return prepare_dataset(config, family="supervised", cpus_per_task=cpus_per_task)
 
 
-def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> PreparedData:
+def prepare_dataset(
+    config: Any, *, family: str, cpus_per_task: float, load: bool = True
+) -> PreparedData:
     """The tokenized dataset of a data family for a validated config, tokenized at most once.
 
     `tokenized_path`, when it holds a tokenized dataset, is used as it is. Otherwise the
@@ -258,9 +267,11 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
         config: a `RayftConfig`.
         family: the data family the stage reads (`data_pipelines.families`).
         cpus_per_task: CPUs each Ray Data task asks for (fractional on small machines).
+        load: False when only the parquet and the report are wanted (`rayft preprocess`): the
+            rows are not read back (a small cache would otherwise be read into memory).
 
     Returns:
-        The clean rows (streamed from parquet) and the row report.
+        The clean rows (streamed from parquet; None unless `load`) and the row report.
 
     Raises:
         DatasetError: a dataset cannot be read as declared, or holds rows of the wrong kind.
@@ -276,7 +287,7 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
     target = tokenized_location(config, specs, family=family)
     if is_complete(target) and (config.tokenized_path or not config.overwrite_cache):
         print(f"[rayft] reusing the tokenized dataset in {target}", flush=True)
-        return _load(target, cpus_per_task=cpus_per_task)
+        return _load(target, cpus_per_task=cpus_per_task, read_rows=load)
     # One streaming pass: every row (bad ones with their reason and no ids) goes to parquet,
     # so memory stays bounded whatever the dataset size; the reasons are then counted from the
     # narrow reason column alone.
@@ -285,7 +296,11 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
         with _bounded_buffers():
             _tokenize(
                 config, specs, family=family, cpus_per_task=cpus_per_task, staging=staging
-            ).write_parquet(str(staging / DATA_SUBDIR), ray_remote_args={"num_cpus": cpus_per_task})
+            ).write_parquet(
+                str(staging / DATA_SUBDIR),
+                ray_remote_args={"num_cpus": cpus_per_task},
+                concurrency=writers(ray.cluster_resources().get("CPU", 1)),
+            )
     except DatasetError as err:  # a bad file line, raised inside a Ray read task
         raise unwrap_read_error(err) from None
     finally:
@@ -294,7 +309,7 @@ def prepare_dataset(config: Any, *, family: str, cpus_per_task: float) -> Prepar
     report.check(config.max_bad_fraction)
     publish(staging, target, report.as_dict())
     print(f"[rayft] tokenized {report.total} rows once; cached in {target}", flush=True)
-    return _load(target, cpus_per_task=cpus_per_task)
+    return _load(target, cpus_per_task=cpus_per_task, read_rows=load)
 
 
 def _stream(
@@ -397,11 +412,13 @@ with Ray Data tasks costs seconds of task-process start-up (on 2 cores about 5 s
 more than the data itself. Larger caches are streamed from their files."""
 
 
-def _load(folder: Path, *, cpus_per_task: float) -> PreparedData:
+def _load(folder: Path, *, cpus_per_task: float, read_rows: bool = True) -> PreparedData:
     import ray.data
     from ray.data.expressions import col
 
     report = DataReport.from_dict(json.loads((folder / REPORT_FILE).read_text()))
+    if not read_rows:
+        return PreparedData(dataset=None, report=report)
     files = sorted((folder / DATA_SUBDIR).glob("*.parquet"))  # Ray's listing order, sorted
     if files and sum(path.stat().st_size for path in files) < SMALL_CACHE_BYTES:
         return PreparedData(dataset=ray.data.from_arrow(_training_table(files)), report=report)
@@ -587,22 +604,35 @@ def _tokenized(
 
 @contextlib.contextmanager
 def _bounded_buffers() -> Iterator[None]:
-    """Datasets created and run inside hold at most `buffer_budget()` bytes of blocks.
+    """Datasets created and run inside hold at most `buffer_budget()` bytes of blocks, in
+    blocks of at most `BLOCK_BYTES`.
 
     Reading is faster than tokenizing, so by default the blocks read ahead queue up until Ray
     Data's share of the object store is full (1.1–1.3 GiB on this 24 GiB machine at 1M rows,
     next to nothing at 10k): the pipeline's memory grew with the dataset. A fixed budget keeps
-    it flat; the tokenizers still always have blocks waiting.
+    it flat; the tokenizers still always have blocks waiting. And a task merges what it yields
+    into blocks of up to Ray Data's `target_max_block_size` (128 MiB) before handing them on,
+    so the read task held that much parsed data plus the merged copy: 646 MiB PSS at 1M rows,
+    against 401 MiB with 16 MiB blocks and 264 MiB with these 8 MiB ones (and 4 MiB reads).
     """
     import ray.data
 
-    options = ray.data.DataContext.get_current().execution_options
-    before = options.resource_limits
+    context = ray.data.DataContext.get_current()
+    options = context.execution_options
+    before, block_before = options.resource_limits, context.target_max_block_size
     options.resource_limits = before.copy(object_store_memory=buffer_budget())
+    context.target_max_block_size = BLOCK_BYTES
     try:
         yield
     finally:
         options.resource_limits = before
+        context.target_max_block_size = block_before
+
+
+def writers(cpus: float) -> int:
+    """Parquet write tasks a preprocessing run keeps going at once on a cluster of `cpus`:
+    one per `TOKENIZING_CPUS_PER_WRITER` CPUs, at least one."""
+    return max(1, int(cpus) // TOKENIZING_CPUS_PER_WRITER)
 
 
 def buffer_budget() -> int:

@@ -68,11 +68,12 @@ class Stage:
     metrics: tuple[str, ...] = ()
     train_loop: Callable[[dict[str, Any]], None] | None = None
 
-    def prepare_data(self, config: RayftConfig, cpus_per_task: float) -> Any:
-        """Tokenize the `dataset` list into this stage's family (cached; see the pipeline)."""
+    def prepare_data(self, config: RayftConfig, cpus_per_task: float, *, load: bool = True) -> Any:
+        """Tokenize the `dataset` list into this stage's family (cached; see the pipeline);
+        `load=False` writes the parquet without reading the rows back."""
         from data_pipelines.pipeline import prepare_dataset
 
-        return prepare_dataset(config, family=self.family, cpus_per_task=cpus_per_task)
+        return prepare_dataset(config, family=self.family, cpus_per_task=cpus_per_task, load=load)
 
 
 STAGES: dict[str, Stage] = {}
@@ -91,7 +92,9 @@ def get_stage(name: str) -> Stage:
     import jobs.stages  # noqa: F401  (fills STAGES)
 
     if name not in STAGES:
-        raise ValueError(f"stage `{name}` is not supported; valid stages: {', '.join(sorted(STAGES))}")
+        raise ValueError(
+            f"stage `{name}` is not supported; valid stages: {', '.join(sorted(STAGES))}"
+        )
     return STAGES[name]
 
 

@@ -41,15 +41,21 @@ def count(batch: dict[str, torch.Tensor]) -> int:
 class RolloutStage(Stage):
     """A stage that samples from the policy and needs a reward (ppo, grpo)."""
 
-    def prepare_data(self, config: RayftConfig, cpus_per_task: float) -> Any:
+    def prepare_data(self, config: RayftConfig, cpus_per_task: float, *, load: bool = True) -> Any:
         """Check the reward model dir / reward functions on the driver, then tokenize."""
         check_reward_source(reward_spec(config, pad_id=0, threads=1))
-        return super().prepare_data(config, cpus_per_task)
+        return super().prepare_data(config, cpus_per_task, load=load)
 
 
 register_stage(
     RolloutStage(
-        name="ppo", family="prompt", collate=collate, loss=loss, count=count,
-        metrics=PPO_METRICS, uses_reference=lambda config: True, train_loop=ppo_train_loop,
+        name="ppo",
+        family="prompt",
+        collate=collate,
+        loss=loss,
+        count=count,
+        metrics=PPO_METRICS,
+        uses_reference=lambda config: True,
+        train_loop=ppo_train_loop,
     )
 )

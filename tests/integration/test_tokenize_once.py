@@ -93,3 +93,43 @@ def test_preprocess_writes_parquet_that_training_loads(
     )
     assert "reusing the tokenized dataset" in capsys.readouterr().out
     assert loaded.report.kept == 100
+
+
+def test_preprocessing_bounds_its_blocks_and_buffers_then_restores_ray_data(
+    ray_cluster: float,
+) -> None:
+    """Inside `_bounded_buffers` tasks emit blocks of at most `BLOCK_BYTES` (Ray Data's own
+    128 MiB let the read task hold that much) within the object-store budget; after it, Ray
+    Data's settings are the user's again."""
+    import ray.data
+
+    from data_pipelines import pipeline
+
+    context = ray.data.DataContext.get_current()
+    before = (context.target_max_block_size, context.execution_options.resource_limits)
+    with pipeline._bounded_buffers():
+        assert context.target_max_block_size == pipeline.BLOCK_BYTES < before[0]
+        limits = context.execution_options.resource_limits
+        assert limits.object_store_memory == pipeline.buffer_budget()
+    assert (context.target_max_block_size, context.execution_options.resource_limits) == before
+
+
+def test_one_parquet_writer_per_eight_tokenizing_cpus() -> None:
+    from data_pipelines.pipeline import writers
+
+    assert [writers(cpus) for cpus in (1, 2.0, 8, 15, 16, 64)] == [1, 1, 1, 1, 2, 8]
+
+
+def test_preprocessing_alone_does_not_read_the_rows_back(
+    ray_cluster: float, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`rayft preprocess` wants the parquet and the counts: a small cache would otherwise be
+    read into the driver's memory for nothing (~200 MiB at 10k alpaca rows)."""
+    from data_pipelines.pipeline import prepare_dataset
+
+    config = _config(tiny_model_dir, tmp_path)
+    written = prepare_dataset(config, family="supervised", cpus_per_task=0.25, load=False)
+    assert written.dataset is None
+    loaded = prepare_dataset(config, family="supervised", cpus_per_task=0.25)
+    assert loaded.report == written.report
+    assert loaded.dataset.count() == written.report.kept == 100
