@@ -7,7 +7,9 @@ ratio. A last line gives the floor of any Ray pipeline on this machine, measured
 run: starting a private cluster, one worker process loading the tokenizer, and the bare Rust
 encoding of each row's prompt and response spread perfectly over every CPU; no Python per
 row, no reading or writing. When it exceeds half of LLaMA-Factory's time, 2x is out of reach
-here whatever the pipeline does. With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory per size
+here whatever the pipeline does.
+
+With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory per size
 instead, to show it stays flat: the summed RSS of the whole process tree (Ray workers
 included), the summed PSS (shared pages split between the processes mapping them, so an
 object-store block or a library counts once) and, at the PSS peak, each kind of process's share;
