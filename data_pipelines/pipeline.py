@@ -15,6 +15,7 @@ import contextlib
 import functools
 import json
 import shutil
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -69,9 +70,10 @@ BUFFER_BYTES_PER_CPU = 32 << 20
 # Largest block a preprocessing task emits (Ray Data's default is 128 MiB; see
 # `_bounded_buffers`).
 BLOCK_BYTES = 8 << 20
-# Tokenizing CPUs per concurrent parquet write task: writing costs about an eighth of
-# tokenizing (100k rows on 2 CPUs: ~3 of ~25 CPU-s), and every writer process holds ~200 MiB.
-TOKENIZING_CPUS_PER_WRITER = 8
+# Where the tokenizing actors write their batches, before `_order_parts` names them in order.
+PARTS_SUBDIR = "parts"
+# The one column the actors yield when they write their batches: the file's name.
+PART_COLUMN = "part"
 
 
 class TooManyBadRows(ValueError):
@@ -292,19 +294,23 @@ def prepare_dataset(
     # so memory stays bounded whatever the dataset size; the reasons are then counted from the
     # narrow reason column alone.
     staging = staging_dir(target)
+    parts = staging / PARTS_SUBDIR
+    parts.mkdir()
     try:
         with _bounded_buffers():
-            _tokenize(
-                config, specs, family=family, cpus_per_task=cpus_per_task, staging=staging
-            ).write_parquet(
-                str(staging / DATA_SUBDIR),
-                ray_remote_args={"num_cpus": cpus_per_task},
-                concurrency=writers(ray.cluster_resources().get("CPU", 1)),
-            )
+            written = _tokenize(
+                config,
+                specs,
+                family=family,
+                cpus_per_task=cpus_per_task,
+                staging=staging,
+                parts=parts,
+            ).take_all()
     except DatasetError as err:  # a bad file line, raised inside a Ray read task
         raise unwrap_read_error(err) from None
     finally:
         shutil.rmtree(staging / MIXED_SUBDIR, ignore_errors=True)
+    _order_parts(parts, [row[PART_COLUMN] for row in written], staging / DATA_SUBDIR)
     report = _count_reasons(staging / DATA_SUBDIR, packed=packing_enabled(config))
     report.check(config.max_bad_fraction)
     publish(staging, target, report.as_dict())
@@ -468,10 +474,13 @@ def _tokenize(
     family: str,
     cpus_per_task: float,
     staging: Path | None,
+    parts: Path | None = None,
 ) -> Any:
     """The lazy Ray Data plan: read → limit → (mix) → convert + template + tokenize.
 
-    `staging` holds the mixed raw rows when interleaving (not available to a stream)."""
+    `staging` holds the mixed raw rows when interleaving (not available to a stream). With
+    `parts`, the tokenizing actors write their batches there and yield one row per file
+    (`PART_COLUMN`); without, they yield the tokenized rows."""
     task = TokenizeSpec(
         template=template_spec(config),
         row_format=specs[0].row_format,
@@ -489,18 +498,20 @@ def _tokenize(
                 replace(task, source_formats=tuple(spec.row_format for spec in specs)),
                 cpus_per_task=cpus_per_task,
                 specs=specs,
+                parts=parts,
             )
-    parts = [
+    tokenized = [
         _tokenized(
             config,
             _read_limited(config, spec, cpus_per_task=cpus_per_task),
             replace(task, row_format=spec.row_format),
             cpus_per_task=cpus_per_task,
             specs=[spec],
+            parts=parts,
         )
         for spec in specs
     ]
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return tokenized[0].union(*tokenized[1:]) if len(tokenized) > 1 else tokenized[0]
 
 
 def _read_limited(config: Any, spec: DatasetSpec, *, cpus_per_task: float) -> Any:
@@ -539,14 +550,40 @@ class BatchTokenizer:
     Importing transformers and loading a tokenizer takes seconds per process, longer than
     tokenizing a thousand rows; an actor pool pays it once per actor, where plain tasks pay it
     in every worker process they land on.
+
+    Given `parts`, a folder every node can reach, the actor writes each tokenized batch there
+    as a parquet file and yields only the file's name: Ray Data's `write_parquet` would run
+    one more worker process (~200 MiB) and pass every tokenized row (4.5× the JSON's size)
+    through the object store to it.
     """
 
-    def __init__(self, spec: TokenizeSpec) -> None:
+    def __init__(self, spec: TokenizeSpec, parts: str | None = None) -> None:
         self.spec = spec
+        self.parts = parts
         load_prepared_tokenizer(spec.template)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return _tokenize_batch(batch, self.spec)
+        tokenized = _tokenize_batch(batch, self.spec)
+        if self.parts is None:
+            return tokenized
+        import pyarrow.parquet as pq
+
+        name = f"{uuid.uuid4().hex}.parquet"
+        pq.write_table(tokenized, f"{self.parts}/{name}")
+        return pa.table({PART_COLUMN: [name]})
+
+
+def _order_parts(parts: Path, names: list[str], folder: Path) -> None:
+    """Move the written batch files into `folder`, named in the order Ray Data yielded them
+    (the input order when it is kept), which `_load` reads back sorted by name.
+
+    Only the named files move: one written by an actor that died before its batch was
+    retried elsewhere is left behind with `parts`."""
+    folder.mkdir()
+    width = max(6, len(str(len(names))))
+    for index, name in enumerate(names):
+        (parts / name).rename(folder / f"{index:0{width}d}.parquet")
+    shutil.rmtree(parts)
 
 
 def tokenizer_actors(config: Any, specs: list[DatasetSpec]) -> Any:
@@ -591,10 +628,11 @@ def _tokenized(
     *,
     cpus_per_task: float,
     specs: list[DatasetSpec],
+    parts: Path | None = None,
 ) -> Any:
     return rows.map_batches(
         BatchTokenizer,
-        fn_constructor_kwargs={"spec": task},
+        fn_constructor_kwargs={"spec": task, "parts": None if parts is None else str(parts)},
         batch_format="pyarrow",
         batch_size=get_family(task.family).batch_size,
         num_cpus=cpus_per_task,
@@ -627,12 +665,6 @@ def _bounded_buffers() -> Iterator[None]:
     finally:
         options.resource_limits = before
         context.target_max_block_size = block_before
-
-
-def writers(cpus: float) -> int:
-    """Parquet write tasks a preprocessing run keeps going at once on a cluster of `cpus`:
-    one per `TOKENIZING_CPUS_PER_WRITER` CPUs, at least one."""
-    return max(1, int(cpus) // TOKENIZING_CPUS_PER_WRITER)
 
 
 def buffer_budget() -> int:

@@ -114,10 +114,54 @@ def test_preprocessing_bounds_its_blocks_and_buffers_then_restores_ray_data(
     assert (context.target_max_block_size, context.execution_options.resource_limits) == before
 
 
-def test_one_parquet_writer_per_eight_tokenizing_cpus() -> None:
-    from data_pipelines.pipeline import writers
+def test_tokenizing_actors_write_their_batches_and_yield_only_the_file_name(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Without a write task, the tokenized rows never pass through the object store: what the
+    actor yields is one file name, and the file holds the rows it would have yielded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    assert [writers(cpus) for cpus in (1, 2.0, 8, 15, 16, 64)] == [1, 1, 1, 1, 2, 8]
+    from data_pipelines import pipeline
+
+    config = _config(tiny_model_dir, tmp_path)
+    spec = pipeline.TokenizeSpec(
+        template=pipeline.template_spec(config),
+        row_format=pipeline.resolve_dataset("alpaca_en_demo", config.dataset_dir).row_format,
+        options=pipeline.encode_options(config),
+        family="supervised",
+    )
+    batch = pa.table(
+        {
+            "instruction": ["Say hi", "Say nothing"],
+            "input": ["", ""],
+            "output": ["Hi!", ""],
+        }
+    )
+    expected = pipeline.BatchTokenizer(spec)(batch)
+    written = pipeline.BatchTokenizer(spec, parts=str(tmp_path))(batch)
+    assert written.column_names == [pipeline.PART_COLUMN] and written.num_rows == 1
+    assert pq.read_table(tmp_path / written[pipeline.PART_COLUMN][0].as_py()) == expected
+    assert expected[pipeline.SKIP_COLUMN].to_pylist()[0] == ""
+    assert expected[pipeline.SKIP_COLUMN].to_pylist()[1] != ""  # the bad row is kept, flagged
+
+
+def test_written_batches_are_named_in_the_order_ray_data_yields_them(tmp_path: Path) -> None:
+    """`_load` reads the cache sorted by file name, so the names carry the yielded order; a
+    file no one yielded (its actor died and the batch was retried) is not part of the cache."""
+    from data_pipelines.pipeline import _order_parts
+
+    parts, data = tmp_path / "parts", tmp_path / "data"
+    parts.mkdir()
+    for name in ("c.parquet", "a.parquet", "b.parquet", "orphan.parquet"):
+        (parts / name).write_text(name)
+    _order_parts(parts, ["c.parquet", "a.parquet", "b.parquet"], data)
+    assert [(f.name, f.read_text()) for f in sorted(data.iterdir())] == [
+        ("000000.parquet", "c.parquet"),
+        ("000001.parquet", "a.parquet"),
+        ("000002.parquet", "b.parquet"),
+    ]
+    assert not parts.exists()
 
 
 def test_preprocessing_alone_does_not_read_the_rows_back(
