@@ -248,8 +248,8 @@ def _tokenize_batch(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
 
 
 def int32_lists(rows: list[list[int]]) -> pa.ListArray:
-    """A list<int32> column from Python lists of ints, through one flat numpy array: twice as
-    fast as `pa.array` on lists, which checks every element's type (~8% of a batch's work)."""
+    """A list<int32> column from Python lists of ints, through one flat numpy array: 1.7× as
+    fast as `pa.array` on the lists, which took ~8% of a tokenized batch's CPU."""
     import numpy as np
 
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
