@@ -23,6 +23,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from data_pipelines.cache import (
@@ -250,8 +251,6 @@ def _tokenize_batch(batch: pa.Table, spec: TokenizeSpec) -> pa.Table:
 def int32_lists(rows: list[list[int]]) -> pa.ListArray:
     """A list<int32> column from Python lists of ints, through one flat numpy array: 1.7× as
     fast as `pa.array` on the lists, which took ~8% of a tokenized batch's CPU."""
-    import numpy as np
-
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([len(row) for row in rows], out=offsets[1:])
     values = np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(offsets[-1]))
