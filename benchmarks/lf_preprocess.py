@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
+
 STARTED = time.time()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +64,13 @@ def main() -> None:
             train = get_dataset(
                 template, model_args, data_args, training_args, stage="sft", **module
             )["train_dataset"]
-        tokens = sum(len(ids) for ids in train["input_ids"])
-        print(json.dumps({"rows": len(train), "tokens": tokens, "seconds": time.time() - STARTED}))
+        seconds = time.time() - STARTED
+        # Counted in Arrow after the clock stops: as Python lists, a million rows' ids took
+        # ~7 s that used to be charged to LLaMA-Factory.
+        if train._indices is not None:  # a selection over the table: make it the table
+            train = train.flatten_indices()
+        tokens = pc.sum(pc.list_value_length(train.data.column("input_ids"))).as_py()
+        print(json.dumps({"rows": len(train), "tokens": tokens, "seconds": seconds}))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -291,6 +292,9 @@ def main() -> None:
             tokenizer = build_tiny_tokenizer(tmp / "tokenizer")
         for n in (int(x) for x in args.rows.split(",")):
             data = build_rows(n, tmp / f"data{n}")
+            # Each timed run starts with nothing left to write back: the kernel flushing the
+            # fresh data file (or the other side's output) costs the run under way CPU.
+            os.sync()
             ours = run_rayft(
                 data,
                 tokenizer,
@@ -311,6 +315,7 @@ def main() -> None:
                     f"\n{'':14}PSS at its peak: {memory.breakdown()}"
                 )
             if not args.rayft_only:
+                os.sync()
                 theirs = run_llamafactory(
                     data,
                     tokenizer,

