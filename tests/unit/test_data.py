@@ -74,16 +74,21 @@ def test_bad_rows_get_a_reason(row: dict, reason: str) -> None:
         convert_alpaca(row, COLUMNS)
 
 
+def _qwen(tokenizer_dir: Path) -> TemplateSpec:
+    """The tiny tokenizer with the qwen template, as the tokenizing tests here use it."""
+    return TemplateSpec(
+        tokenizer_path=str(tokenizer_dir),
+        trust_remote_code=False,
+        template="qwen",
+        default_system=None,
+        tool_format=None,
+        enable_thinking=True,
+    )
+
+
 def test_tokenize_rows_counts_instead_of_dropping(tiny_tokenizer_dir: Path) -> None:
     spec = TokenizeSpec(
-        template=TemplateSpec(
-            tokenizer_path=str(tiny_tokenizer_dir),
-            trust_remote_code=False,
-            template="qwen",
-            default_system=None,
-            tool_format=None,
-            enable_thinking=True,
-        ),
+        template=_qwen(tiny_tokenizer_dir),
         row_format=COLUMNS,
         options=SupervisedOptions(cutoff_len=64),
     )
@@ -147,21 +152,12 @@ _FAMILY_ROWS = {
 
 
 @pytest.mark.parametrize("family", sorted(_FAMILY_ROWS))
-def test_all_ones_masks_follow_their_ids_row_for_row(
-    family: str, tiny_tokenizer_dir: Path
-) -> None:
+def test_all_ones_masks_follow_their_ids_row_for_row(family: str, tiny_tokenizer_dir: Path) -> None:
     """Encoders leave the all-ones masks out; the batch still has them, as long as the ids."""
     row_format, rows = _FAMILY_ROWS[family]
     rows = [*rows, {"instruction": "x", "output": ""}, rows[0]]  # a bad row in the middle
     spec = TokenizeSpec(
-        template=TemplateSpec(
-            tokenizer_path=str(tiny_tokenizer_dir),
-            trust_remote_code=False,
-            template="qwen",
-            default_system=None,
-            tool_format=None,
-            enable_thinking=True,
-        ),
+        template=_qwen(tiny_tokenizer_dir),
         row_format=row_format,
         options=EncodeOptions(SupervisedOptions(cutoff_len=64)),
         family=family,
