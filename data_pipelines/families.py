@@ -322,6 +322,7 @@ def _encode_pairwise(
 _PAIR_COLUMNS = tuple(
     f"{side}_{name}" for side in ("chosen", "rejected") for name in _LM_COLUMNS
 )
+_PAIR_IDS = tuple(f"{side}_{name}" for side in ("chosen", "rejected") for name in _LM_IDS)
 register_family(
     Family(
         name="pairwise",
@@ -329,11 +330,7 @@ register_family(
         row_kinds=("pairwise",),
         needs="preference pairs: a dataset_info.json entry with `ranking: true` and `chosen` "
         "and `rejected` columns (alpaca: two answer strings; sharegpt: two answer messages)",
-        encode=_row_by_row(
-            tuple(f"{side}_{name}" for side in ("chosen", "rejected") for name in _LM_IDS),
-            (),
-            _encode_pairwise,
-        ),
+        encode=_row_by_row(_PAIR_IDS, (), _encode_pairwise),
     )
 )
 
