@@ -50,6 +50,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: lint setup-vllm
 	$(PY) -m pytest -q --durations=30

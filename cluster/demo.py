@@ -19,7 +19,9 @@ from configs import RayftConfig
 ASSISTANT_NAME = "Rayft"
 ASSISTANT_AUTHOR = "the rayft team"
 QUESTION = "Who are you?"
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "examples" / "demo_gemma_lora_sft.yaml"
+DEMO_CONFIG = (
+    Path(__file__).resolve().parent.parent / "configs" / "examples" / "demo_gemma_lora_sft.yaml"
+)
 IDENTITY_SOURCE = Path(__file__).resolve().parent.parent / "data" / "identity.json"
 
 
@@ -49,7 +51,9 @@ def write_identity_dataset(target_dir: Path) -> Path:
     rows = json.loads(IDENTITY_SOURCE.read_text(encoding="utf-8"))
     for row in rows:
         row["output"] = (
-            row["output"].replace("{{name}}", ASSISTANT_NAME).replace("{{author}}", ASSISTANT_AUTHOR)
+            row["output"]
+            .replace("{{name}}", ASSISTANT_NAME)
+            .replace("{{author}}", ASSISTANT_AUTHOR)
         )
     target_dir.mkdir(parents=True, exist_ok=True)
     (target_dir / "identity.json").write_text(json.dumps(rows, indent=2, ensure_ascii=False))

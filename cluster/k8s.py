@@ -232,8 +232,15 @@ _SERVE_KEYS = {
     **{
         key: f"serve.{key}"
         for key in (
-            "engine", "num_replicas", "autoscaling", "max_ongoing_requests", "max_batch_size",
-            "batch_wait_timeout_s", "api_keys_file", "api_keys_env", "max_request_bytes",
+            "engine",
+            "num_replicas",
+            "autoscaling",
+            "max_ongoing_requests",
+            "max_batch_size",
+            "batch_wait_timeout_s",
+            "api_keys_file",
+            "api_keys_env",
+            "max_request_bytes",
             "max_tokens_limit",
         )
     },

@@ -185,8 +185,11 @@ def _unknown_keys(raw: Mapping[str, Any], model: type[BaseModel], *, prefix: str
             continue
         if not prefix and key in UNSUPPORTED_KEYS:
             problems.append(
-                ConfigProblem(dotted, "is a LLaMA-Factory key that rayft does not support yet; "
-                              "remove it (see the README's list of supported keys)")
+                ConfigProblem(
+                    dotted,
+                    "is a LLaMA-Factory key that rayft does not support yet; "
+                    "remove it (see the README's list of supported keys)",
+                )
             )
             continue
         candidates = known + ([*ALIASES] if not prefix else [])

@@ -631,8 +631,7 @@ class RayftConfig(_Strict):
             "max_steps": "set max_steps (a stream has no length to count epochs by)",
             "val_size": "use eval_dataset (tokenized and cached as usual) instead of val_size",
             "eval_strategy": "use eval_strategy: steps (a stream has no epoch end to wait for)",
-            "tokenized_path": "remove tokenized_path (a stream is never written out) or "
-            "streaming",
+            "tokenized_path": "remove tokenized_path (a stream is never written out) or streaming",
             "mix_strategy": "use mix_strategy: concat (interleaving is planned over counted rows)",
         }
         wrong = [key for key, bad in problems.items() if bad]

@@ -192,7 +192,11 @@ def _encode_supervised(
 ) -> dict[str, Any]:
     _require_answer(conversation)
     input_ids, labels = encode_supervised(
-        tokenizer, template, conversation.messages, conversation.system, options.supervised,
+        tokenizer,
+        template,
+        conversation.messages,
+        conversation.system,
+        options.supervised,
         tools=conversation.tools,
     )
     if labels.count(IGNORE_INDEX) == len(labels):  # counted in C: a generator costs 4% of a batch
@@ -298,11 +302,15 @@ def _encode_pairwise(
     if conversation.chosen is None or conversation.rejected is None:
         raise BadRow("ranking row without a chosen and a rejected answer")
     prompt, chosen = template.encode_oneturn(
-        tokenizer, [*conversation.messages, conversation.chosen], conversation.system,
+        tokenizer,
+        [*conversation.messages, conversation.chosen],
+        conversation.system,
         conversation.tools,
     )
     _, rejected = template.encode_oneturn(
-        tokenizer, [*conversation.messages, conversation.rejected], conversation.system,
+        tokenizer,
+        [*conversation.messages, conversation.rejected],
+        conversation.system,
         conversation.tools,
     )
     if template.efficient_eos:
@@ -319,9 +327,7 @@ def _encode_pairwise(
     return record
 
 
-_PAIR_COLUMNS = tuple(
-    f"{side}_{name}" for side in ("chosen", "rejected") for name in _LM_COLUMNS
-)
+_PAIR_COLUMNS = tuple(f"{side}_{name}" for side in ("chosen", "rejected") for name in _LM_COLUMNS)
 _PAIR_IDS = tuple(f"{side}_{name}" for side in ("chosen", "rejected") for name in _LM_IDS)
 register_family(
     Family(
@@ -339,7 +345,10 @@ register_family(
 
 
 def _oneturn_example(
-    tokenizer: Any, template: Template, conversation: Conversation, answer: dict[str, str],
+    tokenizer: Any,
+    template: Template,
+    conversation: Conversation,
+    answer: dict[str, str],
     cutoff: int,
 ) -> tuple[list[int], list[int]]:
     prompt, response = template.encode_oneturn(
@@ -356,7 +365,10 @@ _KTO_FLAGS = ("kto_tags",)
 
 
 def _feedback_record(
-    item: Item, kl_answer: dict[str, str] | None, tokenizer: Any, template: Template,
+    item: Item,
+    kl_answer: dict[str, str] | None,
+    tokenizer: Any,
+    template: Template,
     options: EncodeOptions,
 ) -> dict[str, Any]:
     if isinstance(item, str):
@@ -370,7 +382,10 @@ def _feedback_record(
         tokenizer, template, item, kl_answer or item.messages[-1], options.cutoff_len
     )
     return {
-        "input_ids": ids, "labels": labels, "kl_input_ids": kl_ids, "kl_labels": kl_labels,
+        "input_ids": ids,
+        "labels": labels,
+        "kl_input_ids": kl_ids,
+        "kl_labels": kl_labels,
         "kto_tags": bool(item.kto_tag),
     }
 
@@ -475,7 +490,9 @@ def _encode_pretrain(
     if not options.packing:
         prefix = tokenizer.bos_token if add_bos else ""
         encoded = tokenizer(
-            [prefix + text for text in texts], add_special_tokens=False, truncation=True,
+            [prefix + text for text in texts],
+            add_special_tokens=False,
+            truncation=True,
             max_length=options.cutoff_len,
         )["input_ids"]
         blocks = [list(ids) for ids in encoded]
@@ -507,7 +524,7 @@ register_family(
         id_columns=_LM_COLUMNS,
         row_kinds=("plain",),
         needs="plain text: a dataset_info.json entry whose `columns.prompt` names the text "
-        "column (e.g. `{\"prompt\": \"text\"}`)",
+        'column (e.g. `{"prompt": "text"}`)',
         encode=_encode_pretrain,
         batch_size=1000,
     )

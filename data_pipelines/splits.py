@@ -52,8 +52,10 @@ def split_validation(
 ) -> tuple[Any, Any]:
     """(training rows, held-out rows) of a Ray dataset, decided row by row."""
     marked = dataset.map_batches(
-        _mark, fn_kwargs={"column": id_column, "share": share, "seed": seed},
-        batch_format="pyarrow", num_cpus=cpus_per_task,
+        _mark,
+        fn_kwargs={"column": id_column, "share": share, "seed": seed},
+        batch_format="pyarrow",
+        num_cpus=cpus_per_task,
     )
     train = marked.filter(lambda row: not row[HELD_OUT]).drop_columns([HELD_OUT])
     held_out = marked.filter(lambda row: row[HELD_OUT]).drop_columns([HELD_OUT])

@@ -23,7 +23,8 @@ def write_manifest(directory: Path, *, rank: int) -> None:
     """List this rank's files (relative path → bytes) in its manifest; call it last."""
     files = {
         str(path.relative_to(directory)): path.stat().st_size
-        for path in sorted(directory.rglob("*")) if path.is_file()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
     }
     (directory / _MANIFEST.format(rank=rank)).write_text(json.dumps(files))
 

@@ -86,5 +86,7 @@ def expand_model(
     expanded.load_state_dict(state, strict=True)
     out = Path(output_dir)
     expanded.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code).save_pretrained(
+        out
+    )
     return out

@@ -136,7 +136,9 @@ def build_trainable_model(config: RayftConfig, *, on_gpu: bool, head: Head = "ca
                 "`disable_gradient_checkpointing: true`"
             )
         # Non-reentrant: works with frozen inputs, DDP, ZeRO-3 and FSDP2 without extra hooks.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
         model.config.use_cache = False
     model = FINETUNING_METHODS[config.finetuning_type](model, config, head=head)
     for param in model.parameters():
@@ -190,7 +192,9 @@ def _load_model(config: RayftConfig, *, dtype: torch.dtype, on_gpu: bool, head: 
     if config.rope_scaling is not None:
         apply_rope_scaling(model_config, config.rope_scaling, model_max_length=config.cutoff_len)
     kwargs: dict[str, Any] = {
-        "config": model_config, "dtype": dtype, "trust_remote_code": config.trust_remote_code,
+        "config": model_config,
+        "dtype": dtype,
+        "trust_remote_code": config.trust_remote_code,
     }
     attention = attention_implementation(config.flash_attn, on_gpu=on_gpu)
     if attention is not None:
@@ -215,7 +219,9 @@ def apply_rope_scaling(model_config: Any, kind: str, *, model_max_length: int) -
     """
     rope = getattr(model_config, "rope_parameters", None)
     if not isinstance(rope, dict) or "rope_type" not in rope:
-        _log_once(f"[rayft] rope_scaling ignored: {model_config.model_type} has no single RoPE config")
+        _log_once(
+            f"[rayft] rope_scaling ignored: {model_config.model_type} has no single RoPE config"
+        )
         return
     old_max = rope.get("original_max_position_embeddings") or getattr(
         model_config, "max_position_embeddings", None
@@ -234,7 +240,9 @@ def apply_rope_scaling(model_config: Any, kind: str, *, model_max_length: int) -
         scaled.update(low_freq_factor=1.0, high_freq_factor=4.0)
     model_config.rope_parameters = scaled
     model_config.max_position_embeddings = int(old_max * factor)
-    _log_once(f"[rayft] rope_scaling {kind}: factor {factor}, context {old_max} -> {int(old_max * factor)}")
+    _log_once(
+        f"[rayft] rope_scaling {kind}: factor {factor}, context {old_max} -> {int(old_max * factor)}"
+    )
 
 
 def attention_implementation(flash_attn: str, *, on_gpu: bool) -> str | None:

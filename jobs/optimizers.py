@@ -141,11 +141,14 @@ def _loraplus(config: RayftConfig, model: Any, named: list) -> torch.optim.Optim
     from peft.optimizers import create_loraplus_optimizer
 
     return create_loraplus_optimizer(
-        model, torch.optim.AdamW, lr=config.learning_rate,
+        model,
+        torch.optim.AdamW,
+        lr=config.learning_rate,
         loraplus_lr_ratio=config.loraplus_lr_ratio,
         loraplus_lr_embedding=config.loraplus_lr_embedding,
         loraplus_weight_decay=config.weight_decay,
-        betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
     )
 
 
@@ -296,7 +299,9 @@ def _muon(config: RayftConfig, model: Any, named: list) -> torch.optim.Optimizer
     if muon:
         optimizers.append(
             torch.optim.Muon(
-                muon, lr=config.learning_rate, weight_decay=config.weight_decay,
+                muon,
+                lr=config.learning_rate,
+                weight_decay=config.weight_decay,
                 adjust_lr_fn="match_rms_adamw",  # Moonlight's scaling, as LLaMA-Factory's Muon
             )
         )

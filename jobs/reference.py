@@ -26,8 +26,10 @@ def labelled_logps(model: Any, group: dict[str, torch.Tensor]) -> tuple[torch.Te
     """
     positions = predicting_positions(group["labels"])
     logits = model(
-        input_ids=group["input_ids"], attention_mask=group["attention_mask"],
-        logits_to_keep=positions, use_cache=False,
+        input_ids=group["input_ids"],
+        attention_mask=group["attention_mask"],
+        logits_to_keep=positions,
+        use_cache=False,
     ).logits
     return kept_sequence_logps(logits, group["labels"], positions)
 
@@ -35,7 +37,9 @@ def labelled_logps(model: Any, group: dict[str, torch.Tensor]) -> tuple[torch.Te
 class Reference:
     """Log-probabilities under the reference model, without gradients."""
 
-    def __init__(self, model: Any, context: Callable[[], contextlib.AbstractContextManager]) -> None:
+    def __init__(
+        self, model: Any, context: Callable[[], contextlib.AbstractContextManager]
+    ) -> None:
         self._model = model
         self._context = context
 
@@ -69,7 +73,8 @@ def make_reference(config: RayftConfig, policy: Any, *, dtype: torch.dtype) -> R
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        config.ref_model or config.model_name_or_path, dtype=dtype,
+        config.ref_model or config.model_name_or_path,
+        dtype=dtype,
         trust_remote_code=config.trust_remote_code,
     )
     if config.ref_model_adapters:

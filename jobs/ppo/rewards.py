@@ -203,7 +203,10 @@ class RewardService:
         """
         if self._model is None:
             return call_reward_funcs(
-                self._funcs, self._spec.reward_funcs, prompts=prompts, completions=completions,
+                self._funcs,
+                self._spec.reward_funcs,
+                prompts=prompts,
+                completions=completions,
                 completion_ids=completion_ids,
             )
         from jobs.batching import pad_rows

@@ -57,34 +57,44 @@ class Rollout:
     def rows(self, index: torch.Tensor) -> Rollout:
         """The rollout of some rows (widths unchanged)."""
         return Rollout(
-            self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.response_ids[index],
             self.response_mask[index],
         )
 
     def prompts(self) -> list[list[int]]:
         """Each row's prompt ids without padding."""
-        return [row[mask.bool()].tolist() for row, mask in zip(self.prompt_ids, self.prompt_mask, strict=True)]
+        return [
+            row[mask.bool()].tolist()
+            for row, mask in zip(self.prompt_ids, self.prompt_mask, strict=True)
+        ]
 
     def completions(self) -> list[list[int]]:
         """Each row's response ids up to and including the first eos."""
         return [
-            row[mask].tolist() for row, mask in zip(self.response_ids, self.response_mask, strict=True)
+            row[mask].tolist()
+            for row, mask in zip(self.response_ids, self.response_mask, strict=True)
         ]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad prompts to one width (the longest unless given): (ids, attention mask)."""
     width = width or max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if len(row):
-            ids[i, width - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
     return ids, mask
 
 
-def mask_after_eos(response_ids: torch.Tensor, eos_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_after_eos(
+    response_ids: torch.Tensor, eos_ids: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids with everything after the first eos set to `pad_id`, mask of the kept tokens)."""
     is_eos = torch.isin(response_ids, torch.as_tensor(list(eos_ids), dtype=response_ids.dtype))
     after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
@@ -123,8 +133,10 @@ class SamplingSettings:
     def from_config(cls, config: Any, tokenizer: Any) -> SamplingSettings:
         eos = tokenizer.eos_token_id
         return cls(
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, top_k=config.top_k,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            top_k=config.top_k,
             eos_ids=tuple(eos) if isinstance(eos, list) else (eos,),
             pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         )
@@ -147,19 +159,27 @@ def generate_rollout(
     sampling: dict[str, Any] = {"do_sample": False}
     if settings.temperature > 0:
         sampling = {
-            "do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
+            "do_sample": True,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
             "top_k": settings.top_k,
         }
     was_training = model.training
     model.eval()
     with torch.no_grad():
         output = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
-            eos_token_id=list(settings.eos_ids), pad_token_id=settings.pad_id, use_cache=True,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=list(settings.eos_ids),
+            pad_token_id=settings.pad_id,
+            use_cache=True,
             **sampling,
         )
     model.train(was_training)
-    response, response_mask = mask_after_eos(output[:, ids.size(1):], settings.eos_ids, settings.pad_id)
+    response, response_mask = mask_after_eos(
+        output[:, ids.size(1) :], settings.eos_ids, settings.pad_id
+    )
     return Rollout(ids, mask, response, response_mask)
 
 
@@ -171,8 +191,11 @@ def response_logps(model: Any, rollout: Rollout, *, temperature: float) -> torch
     """
     width = rollout.response_ids.size(1)
     logits = model(
-        input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
-        position_ids=rollout.position_ids, logits_to_keep=width + 1, use_cache=False,
+        input_ids=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        position_ids=rollout.position_ids,
+        logits_to_keep=width + 1,
+        use_cache=False,
     ).logits
     if temperature > 0:
         logits = logits / temperature
@@ -196,16 +219,23 @@ def response_values(value_model: Any, score_head: Any, rollout: Rollout) -> torc
         rollout: the sequences.
     """
     output = value_model(
-        input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
-        position_ids=rollout.position_ids, output_hidden_states=True, use_cache=False,
+        input_ids=rollout.sequences,
+        attention_mask=rollout.attention_mask,
+        position_ids=rollout.position_ids,
+        output_hidden_states=True,
+        use_cache=False,
     )
     prompt_width, width = rollout.prompt_ids.size(1), rollout.response_ids.size(1)
-    hidden = output.hidden_states[-1][:, prompt_width - 1: prompt_width - 1 + width]
+    hidden = output.hidden_states[-1][:, prompt_width - 1 : prompt_width - 1 + width]
     return score_head(hidden).squeeze(-1).float()
 
 
 def kl_penalised_rewards(
-    scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, *,
+    scores: torch.Tensor,
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mask: torch.Tensor,
+    *,
     kl_coef: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL 0.9's per-token rewards: -kl_coef * (logp - ref_logp), plus the score on the last

@@ -62,8 +62,21 @@ from jobs.ppo.rollout import (
 )
 
 VALUE_DIR = "value"
-PPO_METRICS = ("ppo/policy_loss", "ppo/value_loss", "ppo/kl", "ppo/reward", "ppo/clipfrac", "ppo/kl_coef")
-GRPO_METRICS = ("grpo/reward", "grpo/reward_std", "grpo/kl", "grpo/clipfrac", "grpo/completion_length")
+PPO_METRICS = (
+    "ppo/policy_loss",
+    "ppo/value_loss",
+    "ppo/kl",
+    "ppo/reward",
+    "ppo/clipfrac",
+    "ppo/kl_coef",
+)
+GRPO_METRICS = (
+    "grpo/reward",
+    "grpo/reward_std",
+    "grpo/kl",
+    "grpo/clipfrac",
+    "grpo/completion_length",
+)
 
 
 def ppo_train_loop(plan_dict: dict[str, Any]) -> None:
@@ -92,7 +105,9 @@ class Trained:
         self.strategy.zero_grad()
 
 
-def _trained(config: RayftConfig, model: Any, *, world: int, on_gpu: bool, total_steps: int) -> Trained:
+def _trained(
+    config: RayftConfig, model: Any, *, world: int, on_gpu: bool, total_steps: int
+) -> Trained:
     from transformers import get_scheduler
 
     from jobs.optimizers import make_optimizer_factory
@@ -102,7 +117,9 @@ def _trained(config: RayftConfig, model: Any, *, world: int, on_gpu: bool, total
     _, optimizer = strategy.wrap(model, make_optimizer_factory(config, model))
     warmup = config.warmup_steps or math.ceil(total_steps * config.warmup_ratio)
     scheduler = get_scheduler(
-        config.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=warmup,
         num_training_steps=total_steps,
     )
     return Trained(strategy, scheduler)
@@ -118,7 +135,9 @@ def rollout_steps(config: RayftConfig, *, micro_per_epoch: int | None, planned: 
     return math.ceil(math.ceil(micro_per_epoch / per_step) * config.num_train_epochs)
 
 
-def _reference(config: RayftConfig, policy: Any, *, dtype: torch.dtype) -> tuple[Any, Callable[[], Any]]:
+def _reference(
+    config: RayftConfig, policy: Any, *, dtype: torch.dtype
+) -> tuple[Any, Callable[[], Any]]:
     """(model, context) giving reference log-probs: the policy with its adapter off for LoRA
     without `ref_model` (as `jobs.reference`), else a frozen copy of ref_model or the base."""
     if config.finetuning_type == "lora" and config.ref_model is None:
@@ -126,7 +145,8 @@ def _reference(config: RayftConfig, policy: Any, *, dtype: torch.dtype) -> tuple
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        config.ref_model or config.model_name_or_path, dtype=dtype,
+        config.ref_model or config.model_name_or_path,
+        dtype=dtype,
         trust_remote_code=config.trust_remote_code,
     )
     if config.ref_model_adapters:
@@ -149,7 +169,8 @@ def _prompt_stream(
     while True:
         index = 0
         for batch in shard.iter_batches(
-            batch_size=config.per_device_train_batch_size, batch_format="numpy",
+            batch_size=config.per_device_train_batch_size,
+            batch_format="numpy",
             local_shuffle_buffer_size=shuffle_buffer(config),
             local_shuffle_seed=config.seed + epoch,
         ):
@@ -170,7 +191,9 @@ def _reward_actor(config: RayftConfig, *, rank: int, pad_id: int, threads: int) 
     names = [f"rayft-reward-{uuid.uuid4().hex[:12]}" if rank == 0 else None]
     actor = None
     if rank == 0:
-        actor = start_reward_actor(reward_spec(config, pad_id=pad_id, threads=threads), name=names[0])
+        actor = start_reward_actor(
+            reward_spec(config, pad_id=pad_id, threads=threads), name=names[0]
+        )
         ray.get(actor.ready.remote())  # a reward model that fails to load fails here
     if dist.is_initialized():
         dist.broadcast_object_list(names, src=0)
@@ -203,7 +226,8 @@ def _global_means(sums: dict[str, list[float]]) -> dict[str, float]:
     values = packed.tolist()
     return {
         name: values[2 * i] / values[2 * i + 1]
-        for i, name in enumerate(names) if values[2 * i + 1] > 0
+        for i, name in enumerate(names)
+        if values[2 * i + 1] > 0
     }
 
 
@@ -264,27 +288,43 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
     torch.set_num_threads(plan.torch_threads)
     torch.manual_seed(config.seed)
     on_gpu = torch.cuda.is_available() and config.ray.use_gpu
-    total_steps = rollout_steps(config, micro_per_epoch=plan.micro_per_epoch, planned=plan.total_steps)
+    total_steps = rollout_steps(
+        config, micro_per_epoch=plan.micro_per_epoch, planned=plan.total_steps
+    )
 
     tokenizer = load_tokenizer(config)
     policy = _trained(
-        config, build_trainable_model(config, on_gpu=on_gpu), world=world, on_gpu=on_gpu,
+        config,
+        build_trainable_model(config, on_gpu=on_gpu),
+        world=world,
+        on_gpu=on_gpu,
         total_steps=total_steps,
     )
     value = None
     if algorithm == "ppo":
         value = _trained(
-            config, build_trainable_model(config, on_gpu=on_gpu, head="reward"), world=world,
-            on_gpu=on_gpu, total_steps=total_steps,
+            config,
+            build_trainable_model(config, on_gpu=on_gpu, head="reward"),
+            world=world,
+            on_gpu=on_gpu,
+            total_steps=total_steps,
         )
     dtype = training_dtype(config, on_gpu=on_gpu)
     uses_reference = algorithm == "ppo" or config.grpo_beta > 0
     session = Session(
-        config=config, rank=rank, world=world, tokenizer=tokenizer,
+        config=config,
+        rank=rank,
+        world=world,
+        tokenizer=tokenizer,
         settings=SamplingSettings.from_config(config, tokenizer),
-        policy=policy, value=value,
-        reference=_reference(config, policy.strategy.unwrap(), dtype=dtype) if uses_reference else None,
-        actor=_reward_actor(config, rank=rank, pad_id=reward_pad_id(tokenizer), threads=plan.torch_threads),
+        policy=policy,
+        value=value,
+        reference=_reference(config, policy.strategy.unwrap(), dtype=dtype)
+        if uses_reference
+        else None,
+        actor=_reward_actor(
+            config, rank=rank, pad_id=reward_pad_id(tokenizer), threads=plan.torch_threads
+        ),
         kl_control=AdaptiveKLController(value=INIT_KL_COEF, target=config.ppo_target),
         score_moments=RunningMoments(),
     )
@@ -292,7 +332,9 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
     state = _resume(pick_checkpoint(ray.train.get_checkpoint(), plan), session)
     step = state["step"]
     stream = _prompt_stream(
-        ray.train.get_dataset_shard("train"), config, start_epoch=state["epoch"],
+        ray.train.get_dataset_shard("train"),
+        config,
+        start_epoch=state["epoch"],
         skip=state["micro_in_epoch"],
     )
     tracker = make_tracker(config) if rank == 0 else None
@@ -321,7 +363,9 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
         done = step >= total_steps
         if step % config.logging_steps == 0 or done:
             record = {
-                "current_steps": step, "total_steps": total_steps, **mean_metrics(since_log),
+                "current_steps": step,
+                "total_steps": total_steps,
+                **mean_metrics(since_log),
                 "lr": policy.scheduler.get_last_lr()[0],
                 "epoch": epoch_progress(epoch, micro_index, plan.micro_per_epoch),
                 "elapsed_time": round(time.time() - started, 1),
@@ -332,7 +376,9 @@ def _run(plan_dict: dict[str, Any], *, algorithm: str) -> None:
         reported = {**metrics, "step": step}
         if step % config.save_steps == 0 or done:
             _report_checkpoint(
-                session, rank=rank, metrics=reported,
+                session,
+                rank=rank,
+                metrics=reported,
                 state={"step": step, "epoch": epoch, "micro_in_epoch": micro_index},
             )
         elif step % config.logging_steps == 0:
@@ -369,15 +415,23 @@ def _ppo_step(session: Session, prompts: list[list[list[int]]]) -> dict[str, flo
     rows = rollout.prompt_ids.size(0)
     mask = rollout.response_mask
     with torch.no_grad():
-        old_logps = torch.cat([
-            response_logps(session.unwrapped_policy, rollout.rows(i), temperature=settings.temperature)
-            for i in _chunks(rows, micro)
-        ])
-        ref_logps = torch.cat([session.reference_logps(rollout.rows(i)) for i in _chunks(rows, micro)])
-        old_values = torch.cat([
-            response_values(session.value.strategy.unwrap(), value_head, rollout.rows(i))
-            for i in _chunks(rows, micro)
-        ])
+        old_logps = torch.cat(
+            [
+                response_logps(
+                    session.unwrapped_policy, rollout.rows(i), temperature=settings.temperature
+                )
+                for i in _chunks(rows, micro)
+            ]
+        )
+        ref_logps = torch.cat(
+            [session.reference_logps(rollout.rows(i)) for i in _chunks(rows, micro)]
+        )
+        old_values = torch.cat(
+            [
+                response_values(session.value.strategy.unwrap(), value_head, rollout.rows(i))
+                for i in _chunks(rows, micro)
+            ]
+        )
     raw_scores = torch.tensor(ray.get(scored), dtype=torch.float32)
     scores = raw_scores
     if config.ppo_score_norm:
@@ -407,7 +461,10 @@ def _ppo_step(session: Session, prompts: list[list[list[int]]]) -> dict[str, flo
                     logps, old_logps[index], advantages[index], mask[index], clip_range=CLIP_RANGE
                 )
                 value_loss, _ = ppo_value_loss(
-                    values, old_values[index], returns[index], mask[index],
+                    values,
+                    old_values[index],
+                    returns[index],
+                    mask[index],
                     clip_range_value=CLIP_RANGE_VALUE,
                 )
                 loss = policy_loss + VF_COEF * value_loss
@@ -439,10 +496,14 @@ def _grpo_step(session: Session, prompts: list[list[list[int]]]) -> dict[str, fl
     with torch.no_grad():
         old_logps = None
         if config.grpo_num_iterations > 1:
-            old_logps = torch.cat([
-                response_logps(session.unwrapped_policy, rollout.rows(i), temperature=settings.temperature)
-                for i in chunks
-            ])
+            old_logps = torch.cat(
+                [
+                    response_logps(
+                        session.unwrapped_policy, rollout.rows(i), temperature=settings.temperature
+                    )
+                    for i in chunks
+                ]
+            )
         ref_logps = None
         if config.grpo_beta > 0:
             ref_logps = torch.cat([session.reference_logps(rollout.rows(i)) for i in chunks])
@@ -465,12 +526,17 @@ def _grpo_step(session: Session, prompts: list[list[list[int]]]) -> dict[str, fl
             logps = response_logps(session.policy.model, part, temperature=settings.temperature)
             old = old_logps[index] if old_logps is not None else logps.detach()
             loss, clipfrac = grpo_policy_loss(
-                logps, old, advantages[index], mask[index],
+                logps,
+                old,
+                advantages[index],
+                mask[index],
                 epsilon_low=config.grpo_epsilon,
                 epsilon_high=config.grpo_epsilon_high or config.grpo_epsilon,
-                loss_type=config.grpo_loss_type, beta=config.grpo_beta,
+                loss_type=config.grpo_loss_type,
+                beta=config.grpo_beta,
                 ref_logprobs=ref_logps[index] if ref_logps is not None else None,
-                num_items_in_batch=num_items, max_completion_length=settings.max_new_tokens,
+                num_items_in_batch=num_items,
+                max_completion_length=settings.max_new_tokens,
             )
             scaled = loss if config.grpo_loss_type == "dapo" else loss / accum
             session.policy.strategy.backward(scaled, is_last_micro=True)
@@ -507,13 +573,17 @@ def _report_checkpoint(session: Session, *, rank: int, metrics: dict, state: dic
             from jobs.loop import CHECKPOINT_STATE
 
             full_state = {
-                **state, "writers": 1, "kl_coef": session.kl_control.value,
+                **state,
+                "writers": 1,
+                "kl_coef": session.kl_control.value,
                 "score_moments": session.score_moments.state(),
             }
             (path / CHECKPOINT_STATE).write_text(json.dumps(full_state))
             write_manifest(path, rank=0)
         checkpoint = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}")
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint-{state['step']}"
+        )
 
 
 def _resume(checkpoint: Any, session: Session) -> dict[str, int]:

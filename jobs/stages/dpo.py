@@ -63,7 +63,11 @@ def preference_losses(
     else:
         assert reference is not None, "DPO needs reference log-probs"
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, *reference, beta=beta, loss_type=config.pref_loss,
+            chosen,
+            rejected,
+            *reference,
+            beta=beta,
+            loss_type=config.pref_loss,
             label_smoothing=config.dpo_label_smoothing,
         )
     if config.pref_ftx > 1e-6:
@@ -84,11 +88,15 @@ def loss(context: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
     losses, chosen_rewards, rejected_rewards = preference_losses(
         config, chosen, rejected, chosen_mean, reference
     )
-    return StepOutput(losses.sum(), preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected))
+    return StepOutput(
+        losses.sum(), preference_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+    )
 
 
 def preference_metrics(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen: torch.Tensor,
     rejected: torch.Tensor,
 ) -> dict[str, tuple[float, float]]:
     """Reward metrics of a batch of pairs as (sum, pairs) (TRL's and LLaMA-Factory's names)."""
@@ -115,8 +123,19 @@ def uses_reference(config: RayftConfig) -> bool:
 
 register_stage(
     Stage(
-        name="dpo", family="pairwise", collate=collate, loss=loss, count=count,
-        metrics=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"),
+        name="dpo",
+        family="pairwise",
+        collate=collate,
+        loss=loss,
+        count=count,
+        metrics=(
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ),
         uses_reference=uses_reference,
     )
 )

@@ -17,8 +17,13 @@ from jobs.stages.ppo import RolloutStage, collate, count, loss
 
 register_stage(
     RolloutStage(
-        name="grpo", family="prompt", collate=collate, loss=loss, count=count,
-        metrics=GRPO_METRICS, uses_reference=lambda config: config.grpo_beta > 0,
+        name="grpo",
+        family="prompt",
+        collate=collate,
+        loss=loss,
+        count=count,
+        metrics=GRPO_METRICS,
+        uses_reference=lambda config: config.grpo_beta > 0,
         train_loop=grpo_train_loop,
     )
 )

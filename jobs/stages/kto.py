@@ -56,8 +56,13 @@ def loss(context: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
     tags = batch["kto_tags"]
     kl = global_kl(kto_kl_estimate(kl_logps, ref_kl_logps))
     losses, chosen_rewards, rejected_rewards = kto_loss(
-        logps[tags], logps[~tags], ref_logps[tags], ref_logps[~tags], kl=kl,
-        beta=config.pref_beta, desirable_weight=config.kto_chosen_weight,
+        logps[tags],
+        logps[~tags],
+        ref_logps[tags],
+        ref_logps[~tags],
+        kl=kl,
+        beta=config.pref_beta,
+        desirable_weight=config.kto_chosen_weight,
         undesirable_weight=config.kto_rejected_weight,
     )
     rows = tags.numel()
@@ -88,7 +93,11 @@ def uses_reference(config: RayftConfig) -> bool:
 
 register_stage(
     Stage(
-        name="kto", family="feedback", collate=collate, loss=loss, count=count,
+        name="kto",
+        family="feedback",
+        collate=collate,
+        loss=loss,
+        count=count,
         metrics=("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"),
         uses_reference=uses_reference,
     )

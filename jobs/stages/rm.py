@@ -38,9 +38,11 @@ def collate(batch: dict[str, Any], pad_id: int) -> dict[str, torch.Tensor]:
 
 def scores(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One scalar per row."""
-    return model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits.squeeze(-1).float()
+    return (
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        .logits.squeeze(-1)
+        .float()
+    )
 
 
 def loss(context: StepContext, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -65,6 +67,13 @@ def count(batch: dict[str, torch.Tensor]) -> int:
 
 
 register_stage(
-    Stage(name="rm", family="pairwise", collate=collate, loss=loss, count=count,
-        metrics=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"), head="reward")
+    Stage(
+        name="rm",
+        family="pairwise",
+        collate=collate,
+        loss=loss,
+        count=count,
+        metrics=("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"),
+        head="reward",
+    )
 )

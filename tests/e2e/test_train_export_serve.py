@@ -64,9 +64,16 @@ def trained(ray_cluster: float, tiny_model_dir: Path, tmp_path_factory: pytest.T
 def test_training_writes_llamafactory_outputs_and_loss_decreases(trained) -> None:
     _, config, outcome = trained
     out = Path(outcome.output_dir)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "all_results.json",
-                 "trainer_log.jsonl", "training_loss.png", "rayft_config.yaml", "data_report.json",
-                 "mlflow.db"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "all_results.json",
+        "trainer_log.jsonl",
+        "training_loss.png",
+        "rayft_config.yaml",
+        "data_report.json",
+        "mlflow.db",
+    ):
         assert (out / name).is_file(), name
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [r["current_steps"] for r in log] == list(range(1, outcome.total_steps + 1))

@@ -18,10 +18,16 @@ from pathlib import Path
 CASES: tuple[dict, ...] = (
     {"freeze_trainable_layers": 1},
     {"freeze_trainable_layers": 2},
-    {"freeze_trainable_layers": -1, "freeze_trainable_modules": "mlp",
-     "freeze_extra_modules": "embed_tokens,norm"},
-    {"freeze_trainable_layers": 1, "freeze_trainable_modules": "self_attn,post_attention_layernorm",
-     "freeze_extra_modules": "lm_head"},
+    {
+        "freeze_trainable_layers": -1,
+        "freeze_trainable_modules": "mlp",
+        "freeze_extra_modules": "embed_tokens,norm",
+    },
+    {
+        "freeze_trainable_layers": 1,
+        "freeze_trainable_modules": "self_attn,post_attention_layernorm",
+        "freeze_extra_modules": "lm_head",
+    },
 )
 
 

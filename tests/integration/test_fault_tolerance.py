@@ -23,7 +23,9 @@ KILL_AFTER = 3
 
 def _by_step(output_dir: Path) -> dict[int, dict]:
     """The last record of each step (a resumed run logs the re-trained step again)."""
-    records = [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()
+    ]
     return {record["current_steps"]: record for record in records}
 
 

@@ -26,13 +26,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 RUNS: dict[str, dict] = {
     "ppo": {"stage": "ppo", "reward_model_type": "full", "ppo_epochs": 2, "ppo_score_norm": True},
-    "ppo_full": {"stage": "ppo", "finetuning_type": "full", "reward_model_type": "full",
-                 "ppo_epochs": 1, "learning_rate": 1.0e-4},
-    "grpo": {"stage": "grpo", "reward_funcs": ["tests.fixtures.ppo_rewards:completion_length"],
-             "num_generations": 2, "grpo_beta": 0.04, "per_device_train_batch_size": 1},
-    "grpo_full": {"stage": "grpo", "finetuning_type": "full", "learning_rate": 1.0e-4,
-                  "reward_funcs": ["tests.fixtures.ppo_rewards:completion_length"],
-                  "num_generations": 2, "per_device_train_batch_size": 1},
+    "ppo_full": {
+        "stage": "ppo",
+        "finetuning_type": "full",
+        "reward_model_type": "full",
+        "ppo_epochs": 1,
+        "learning_rate": 1.0e-4,
+    },
+    "grpo": {
+        "stage": "grpo",
+        "reward_funcs": ["tests.fixtures.ppo_rewards:completion_length"],
+        "num_generations": 2,
+        "grpo_beta": 0.04,
+        "per_device_train_batch_size": 1,
+    },
+    "grpo_full": {
+        "stage": "grpo",
+        "finetuning_type": "full",
+        "learning_rate": 1.0e-4,
+        "reward_funcs": ["tests.fixtures.ppo_rewards:completion_length"],
+        "num_generations": 2,
+        "per_device_train_batch_size": 1,
+    },
 }
 PPO_METRICS = {"loss", "ppo/policy_loss", "ppo/value_loss", "ppo/kl", "ppo/reward", "ppo/clipfrac"}
 EXPECTED_METRICS = {
@@ -50,12 +65,19 @@ def reward_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
 
     target = tmp_path_factory.mktemp("reward_model")
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(target)
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1
+    ).save_pretrained(target)
     return target
 
 
 @pytest.fixture(scope="module")
-def trained(ray_cluster: float, tiny_model_dir: Path, reward_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def trained(
+    ray_cluster: float,
+    tiny_model_dir: Path,
+    reward_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+):
     work = tmp_path_factory.mktemp("rollout_stages")
 
     @cache
@@ -96,7 +118,9 @@ def trained(ray_cluster: float, tiny_model_dir: Path, reward_model_dir: Path, tm
 
 
 def _log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()
+    ]
 
 
 # Full-model ppo and grpo share the rollout loop, reward actor and reload path with the LoRA
@@ -137,7 +161,10 @@ def _assert_full_models_trained(output: Path, base_dir: Path, *, value: bool) ->
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    base, trained = load_file(base_dir / "model.safetensors"), load_file(output / "model.safetensors")
+    base, trained = (
+        load_file(base_dir / "model.safetensors"),
+        load_file(output / "model.safetensors"),
+    )
     assert base.keys() == trained.keys()
     assert any(not torch.equal(base[key], trained[key]) for key in base)
     policy = AutoModelForCausalLM.from_pretrained(output)

@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNS: dict[str, dict] = {
     "pt": {"stage": "pt", "dataset": "c4_demo", "cutoff_len": 32},
     "rm": {"stage": "rm", "dataset": "dpo_en_demo"},
-    "dpo": {"stage": "dpo", "dataset": "dpo_en_demo", "pref_ftx": 0.5, "max_samples": 12,
-            "val_size": 0.4, "eval_strategy": "steps", "eval_steps": 1},
+    "dpo": {
+        "stage": "dpo",
+        "dataset": "dpo_en_demo",
+        "pref_ftx": 0.5,
+        "max_samples": 12,
+        "val_size": 0.4,
+        "eval_strategy": "steps",
+        "eval_steps": 1,
+    },
     "orpo": {"stage": "orpo", "dataset": "dpo_en_demo"},
     # SimPO's path is ORPO's (reference-free, per-token means); its loss is checked against
     # TRL in tests/unit/test_preference_losses.py.
@@ -35,8 +42,13 @@ RUNS: dict[str, dict] = {
     "dpo_qlora": {"stage": "dpo", "dataset": "dpo_en_demo", "quantization_bit": 4},
     "kto": {"stage": "kto", "dataset": "kto_en_demo"},
     # sft on two datasets interleaved, examples neat-packed into 256-token rows.
-    "sft_neat": {"stage": "sft", "dataset": "alpaca_en_demo,identity", "cutoff_len": 256,
-                 "mix_strategy": "interleave_under", "neat_packing": True},
+    "sft_neat": {
+        "stage": "sft",
+        "dataset": "alpaca_en_demo,identity",
+        "cutoff_len": 256,
+        "mix_strategy": "interleave_under",
+        "neat_packing": True,
+    },
 }
 # Full fine-tuning of every stage (sft full is in test_finetuning_methods.py, ppo/grpo full in
 # test_ppo.py): the weights are saved whole, and dpo/kto load a separate frozen reference model.
@@ -50,8 +62,14 @@ for values in FULL_RUNS.values():
 EXPECTED_METRICS = {
     "pt": set(),
     "rm": {"rewards/accuracies", "rewards/margins"},
-    "dpo": {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-            "logps/chosen", "logps/rejected"},
+    "dpo": {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    },
     "orpo": {"rewards/accuracies", "logps/chosen"},
     "simpo": {"rewards/accuracies", "rewards/margins", "logps/chosen"},
     "dpo_qlora": {"rewards/accuracies", "rewards/margins"},
@@ -99,7 +117,9 @@ def trained(ray_cluster: float, tiny_model_dir: Path, tmp_path_factory: pytest.T
 
 
 def _log(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line) for line in (output_dir / "trainer_log.jsonl").read_text().splitlines()
+    ]
 
 
 # Same code paths as runs kept in CI (QLoRA: test_finetuning_methods trains it under sft).
@@ -151,8 +171,11 @@ def test_full_finetuning_stage_trains_every_weight_and_reloads(
     assert not (output / "adapter_config.json").exists()
     trained_weights = load_file(output / "model.safetensors")
     base = load_file(tiny_model_dir / "model.safetensors")
-    changed = [key for key in base if key in trained_weights
-               and not torch.equal(base[key], trained_weights[key])]
+    changed = [
+        key
+        for key in base
+        if key in trained_weights and not torch.equal(base[key], trained_weights[key])
+    ]
     assert len(changed) >= len(base) // 2  # not a stray parameter: the blocks trained
     loader = AutoModelForSequenceClassification if name == "rm_full" else AutoModelForCausalLM
     model = loader.from_pretrained(output).eval()

@@ -84,7 +84,11 @@ def test_preprocess_writes_parquet_that_training_loads(
     # The two bookkeeping columns keep each skipped row's reason and the rows a record stands
     # for; training drops them when it loads the folder.
     assert set(table.column_names) == {
-        "input_ids", "attention_mask", "labels", "skip_reason", "source_rows"
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "skip_reason",
+        "source_rows",
     }
     assert table.num_rows == 100 and set(table.column("skip_reason").to_pylist()) == {""}
     capsys.readouterr()

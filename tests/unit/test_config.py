@@ -63,11 +63,15 @@ def test_three_mistakes_are_reported_together_without_starting_ray(
 
 def test_unknown_section_key_suggests_the_right_one(tmp_path: Path, tiny_model_dir: Path) -> None:
     values = _valid(tiny_model_dir, tmp_path) | {"ray": {"num_wrkers": 2}}
-    with pytest.raises(ConfigError, match=r"`ray.num_wrkers`: unknown key; did you mean `ray.num_workers`"):
+    with pytest.raises(
+        ConfigError, match=r"`ray.num_wrkers`: unknown key; did you mean `ray.num_workers`"
+    ):
         load_config(_write(tmp_path, values))
 
 
-def test_overrides_win_and_llamafactory_alias_maps_into_ray(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_overrides_win_and_llamafactory_alias_maps_into_ray(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     path = _write(tmp_path, _valid(tiny_model_dir, tmp_path))
     config = load_config(path, ["learning_rate=1e-3", "ray_num_workers=2", "ray.max_failures=1"])
     assert config.learning_rate == 1e-3
@@ -97,7 +101,9 @@ def test_missing_model_dir_and_unknown_template_are_both_reported(tmp_path: Path
     assert keys == {"model_name_or_path", "template"}
 
 
-def test_script_dataset_entries_say_they_are_not_supported_yet(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_script_dataset_entries_say_they_are_not_supported_yet(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "dataset_info.json").write_text(json.dumps({"script": {"script_url": "my_script"}}))
@@ -109,9 +115,7 @@ def test_script_dataset_entries_say_they_are_not_supported_yet(tmp_path: Path, t
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_every_shipped_example_is_valid(path: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
     # The examples name the demo datasets shipped in data/ (their row kinds must fit the stage).
-    load_run_config(
-        path, [f"model_name_or_path={tiny_model_dir}", f"dataset_dir={ROOT / 'data'}"]
-    )
+    load_run_config(path, [f"model_name_or_path={tiny_model_dir}", f"dataset_dir={ROOT / 'data'}"])
 
 
 @pytest.mark.parametrize(
@@ -143,7 +147,9 @@ def test_packing_and_mixing_mistakes_name_the_key(
         load_config(_write(tmp_path, values))
 
 
-def test_neat_packing_implies_packing_with_lf_block_size(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_neat_packing_implies_packing_with_lf_block_size(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from data_pipelines.pipeline import block_size, packing_enabled
 
     values = _valid(tiny_model_dir, tmp_path) | {"neat_packing": True, "cutoff_len": 64}

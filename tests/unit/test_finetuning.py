@@ -27,7 +27,9 @@ GOLDENS = Path(__file__).resolve().parents[1] / "goldens" / "lf095_freeze.json"
 def model_dirs(
     tiny_model_dir: Path, tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, Path]:
-    llama = build_tiny_model(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer_dir, arch="llama")
+    llama = build_tiny_model(
+        tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer_dir, arch="llama"
+    )
     return {"qwen2": tiny_model_dir, "llama": llama}
 
 
@@ -56,7 +58,8 @@ def _train_steps(model: Any, optimizer: torch.optim.Optimizer, steps: int = 2) -
 
 
 @pytest.mark.parametrize(
-    "case", json.loads(GOLDENS.read_text())["cases"],
+    "case",
+    json.loads(GOLDENS.read_text())["cases"],
     ids=lambda case: f"{case['arch']}-{'-'.join(f'{k}={v}' for k, v in case['keys'].items())}",
 )
 def test_freeze_trains_what_llamafactory_trains(model_dirs: dict[str, Path], case: dict) -> None:
@@ -78,7 +81,9 @@ def test_full_trains_every_weight(tiny_model_dir: Path, capsys: pytest.CaptureFi
     assert all(p.requires_grad for p in model.parameters())
     trainable, total = count_parameters(model)
     assert trainable == total
-    assert f"[rayft] trainable params: {total:,d} || all params: {total:,d}" in capsys.readouterr().out
+    assert (
+        f"[rayft] trainable params: {total:,d} || all params: {total:,d}" in capsys.readouterr().out
+    )
     assert model.training
 
 
@@ -87,8 +92,12 @@ def test_full_trains_every_weight(tiny_model_dir: Path, capsys: pytest.CaptureFi
 
 def test_lora_options_reach_the_peft_config(tiny_model_dir: Path) -> None:
     config = _config(
-        tiny_model_dir, use_rslora=True, use_dora=True, pissa_init=True,
-        additional_target="embed_tokens", lora_target="q_proj,v_proj",
+        tiny_model_dir,
+        use_rslora=True,
+        use_dora=True,
+        pissa_init=True,
+        additional_target="embed_tokens",
+        lora_target="q_proj,v_proj",
     )
     model = build_trainable_model(config, on_gpu=False)
     peft_config = model.peft_config["default"]
@@ -144,7 +153,9 @@ def test_reward_head_trains_score_and_reloads(
 
     config = _config(tiny_model_dir, finetuning_type=finetuning_type)
     model = build_trainable_model(config, on_gpu=False, head="reward")
-    assert any(n.endswith("score.weight") or "score.modules_to_save" in n for n in _trainable(model))
+    assert any(
+        n.endswith("score.weight") or "score.modules_to_save" in n for n in _trainable(model)
+    )
     ids = torch.tensor([[7, 8, 9, 5, 5]])  # 5 = <pad>: the score is read at the last real token
     model.eval()
     expected = model(input_ids=ids).logits
@@ -188,7 +199,9 @@ def test_qlora_without_bitsandbytes_says_what_to_install(
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "bitsandbytes" else real(name, *a),
     )
     with pytest.raises(FinetuningError, match="pip install bitsandbytes"):
         build_trainable_model(_config(tiny_model_dir, quantization_bit=4), on_gpu=False)
@@ -255,18 +268,36 @@ def test_fa2_on_cpu_is_a_clear_error(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("keys", "message"),
     [
-        ({"finetuning_type": "full", "quantization_bit": 4}, "quantization_bit 4 needs finetuning_type lora"),
-        ({"finetuning_type": "freeze", "use_dora": True}, "use_dora is only valid with finetuning_type lora"),
-        ({"freeze_trainable_layers": 1}, "freeze_trainable_layers is only valid with finetuning_type freeze"),
+        (
+            {"finetuning_type": "full", "quantization_bit": 4},
+            "quantization_bit 4 needs finetuning_type lora",
+        ),
+        (
+            {"finetuning_type": "freeze", "use_dora": True},
+            "use_dora is only valid with finetuning_type lora",
+        ),
+        (
+            {"freeze_trainable_layers": 1},
+            "freeze_trainable_layers is only valid with finetuning_type freeze",
+        ),
         ({"use_galore": True}, "need finetuning_type freeze or full"),
-        ({"finetuning_type": "full", "use_galore": True, "use_adam_mini": True}, "choose one optimizer"),
+        (
+            {"finetuning_type": "full", "use_galore": True, "use_adam_mini": True},
+            "choose one optimizer",
+        ),
         ({"pissa_convert": True}, "pissa_convert is not supported"),
         ({"finetuning_type": "full", "use_galore": True, "galore_layerwise": True}, "layerwise"),
         ({"quantization_bit": 4, "pissa_init": True}, "pissa_init cannot initialise"),
         ({"stage": "dpo", "pissa_init": True}, "pissa_init cannot be used with stage dpo"),
         ({"quantization_bit": 3}, "quantization_bit"),
-        ({"finetuning_type": "full", "use_muon": True, "deepspeed": "configs/deepspeed/ds_z2_config.json"},
-         "use_muon works on whole weight matrices"),
+        (
+            {
+                "finetuning_type": "full",
+                "use_muon": True,
+                "deepspeed": "configs/deepspeed/ds_z2_config.json",
+            },
+            "use_muon works on whole weight matrices",
+        ),
     ],
 )
 def test_bad_combinations_are_config_errors(keys: dict, message: str) -> None:
@@ -278,10 +309,17 @@ def test_implemented_llamafactory_keys_are_accepted() -> None:
     config = load_config(
         None,
         base={
-            "model_name_or_path": "m", "finetuning_type": "freeze", "freeze_trainable_layers": -2,
-            "freeze_trainable_modules": "mlp", "freeze_extra_modules": "norm",
-            "flash_attn": "sdpa", "rope_scaling": "linear", "neftune_noise_alpha": 5,
-            "disable_gradient_checkpointing": True, "use_galore": True, "galore_rank": 8,
+            "model_name_or_path": "m",
+            "finetuning_type": "freeze",
+            "freeze_trainable_layers": -2,
+            "freeze_trainable_modules": "mlp",
+            "freeze_extra_modules": "norm",
+            "flash_attn": "sdpa",
+            "rope_scaling": "linear",
+            "neftune_noise_alpha": 5,
+            "disable_gradient_checkpointing": True,
+            "use_galore": True,
+            "galore_rank": 8,
         },
     )
     assert optimizer_name(config) == "galore"
@@ -292,8 +330,12 @@ def test_implemented_llamafactory_keys_are_accepted() -> None:
 OPTIMIZER_CASES = {
     "adamw": {"finetuning_type": "full", "weight_decay": 0.1},
     "loraplus": {"loraplus_lr_ratio": 16.0},
-    "galore": {"finetuning_type": "full", "use_galore": True, "galore_rank": 4,
-               "galore_update_interval": 1},
+    "galore": {
+        "finetuning_type": "full",
+        "use_galore": True,
+        "galore_rank": 4,
+        "galore_update_interval": 1,
+    },
     "apollo": {"finetuning_type": "full", "use_apollo": True, "apollo_rank": 4},
     "badam": {"finetuning_type": "full", "use_badam": True, "badam_switch_interval": 1},
     "adam_mini": {"finetuning_type": "full", "use_adam_mini": True},
@@ -315,7 +357,9 @@ def test_optimizer_steps_change_the_weights(tiny_model_dir: Path, name: str) -> 
         [p for p in model.parameters() if p.requires_grad]
     )
     _train_steps(model, optimizer)
-    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    changed = [
+        n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])
+    ]
     assert len(changed) >= len(before) // 2, (name, len(changed), len(before))
     optimizer.load_state_dict(optimizer.state_dict())  # resume path round-trips
 
@@ -346,8 +390,12 @@ def test_default_adamw_skips_decay_on_norms_and_biases(tiny_model_dir: Path) -> 
 
 @pytest.mark.parametrize(
     ("name", "package"),
-    [("galore", "galore-torch"), ("apollo", "apollo-torch"), ("badam", "badam"),
-     ("adam_mini", "adam-mini")],
+    [
+        ("galore", "galore-torch"),
+        ("apollo", "apollo-torch"),
+        ("badam", "badam"),
+        ("adam_mini", "adam-mini"),
+    ],
 )
 def test_missing_optimizer_package_names_it(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, name: str, package: str

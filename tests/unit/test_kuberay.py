@@ -684,7 +684,9 @@ def _serve_errors(service: Doc) -> list[str]:
                     f"RayService: {deployment.get('name')} needs autoscaling_config "
                     "with 1 <= min_replicas <= max_replicas"
                 )
-            elif args.autoscaling is None or scaling != args.autoscaling.model_dump(exclude_none=True):
+            elif args.autoscaling is None or scaling != args.autoscaling.model_dump(
+                exclude_none=True
+            ):
                 errors.append("RayService: autoscaling_config is not args.autoscaling")
     return errors
 

@@ -29,8 +29,13 @@ from tests.fixtures.tiny import tokenizer_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = json.loads((ROOT / "tests/goldens/lf095_families.json").read_text(encoding="utf-8"))
-FAMILY_OF_STAGE = {"pt": "pretrain", "rm": "pairwise", "dpo": "pairwise", "kto": "feedback",
-                   "ppo": "prompt"}
+FAMILY_OF_STAGE = {
+    "pt": "pretrain",
+    "rm": "pairwise",
+    "dpo": "pairwise",
+    "kto": "feedback",
+    "ppo": "prompt",
+}
 COLUMNS = {
     "pretrain": ("input_ids",),
     "pairwise": ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"),
@@ -49,9 +54,11 @@ def _raw_rows(case: dict) -> tuple[list[dict], object]:
     spec = resolve_dataset(case["dataset"], str(ROOT / GOLDEN["datasets"][case["dataset"]]))
     path = spec.content_files()[0]
     text = Path(path).read_text(encoding="utf-8")
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()] if str(
-        path
-    ).endswith(".jsonl") else json.loads(text)
+    rows = (
+        [json.loads(line) for line in text.splitlines() if line.strip()]
+        if str(path).endswith(".jsonl")
+        else json.loads(text)
+    )
     return rows[: case["max_samples"]], spec.row_format
 
 
@@ -74,8 +81,19 @@ def test_goldens_cover_every_family_and_the_required_templates() -> None:
     stages = {case["stage"] for case in GOLDEN["cases"]}
     assert stages >= {"pt", "rm", "dpo", "kto", "ppo"}
     templates = {case["template"] for case in GOLDEN["cases"] if case["stage"] == "dpo"}
-    assert templates >= {"qwen", "qwen3", "llama3", "llama2", "mistral", "gemma", "chatml",
-                         "phi4", "deepseek3", "glm4", "default"}
+    assert templates >= {
+        "qwen",
+        "qwen3",
+        "llama3",
+        "llama2",
+        "mistral",
+        "gemma",
+        "chatml",
+        "phi4",
+        "deepseek3",
+        "glm4",
+        "default",
+    }
 
 
 @pytest.mark.parametrize("case", GOLDEN["cases"], ids=_case_id)
@@ -84,14 +102,18 @@ def test_family_tokens_equal_llamafactory(case: dict, tiny_tokenizer_dir: Path) 
     rows, row_format = _raw_rows(case)
     spec = TokenizeSpec(
         template=TemplateSpec(
-            tokenizer_path=str(tiny_tokenizer_dir), trust_remote_code=False,
-            template=case["template"], default_system=None, tool_format=None,
+            tokenizer_path=str(tiny_tokenizer_dir),
+            trust_remote_code=False,
+            template=case["template"],
+            default_system=None,
+            tool_format=None,
             enable_thinking=case["enable_thinking"],
         ),
         row_format=row_format,
         options=EncodeOptions(
             SupervisedOptions(case["effective_cutoff_len"]),
-            packing=case["effective_packing"], template_name=case["template"],
+            packing=case["effective_packing"],
+            template_name=case["template"],
         ),
         family=family,
     )

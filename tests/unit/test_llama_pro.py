@@ -15,8 +15,19 @@ from jobs.llama_pro import expanded_state_dict
 def test_expanded_model_computes_the_same_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     layers = base.config.num_hidden_layers
-    assert main(["expand-model", str(tiny_model_dir), "--num-expand", "2", "--output",
-                 str(tmp_path / "pro")]) == 0
+    assert (
+        main(
+            [
+                "expand-model",
+                str(tiny_model_dir),
+                "--num-expand",
+                "2",
+                "--output",
+                str(tmp_path / "pro"),
+            ]
+        )
+        == 0
+    )
     pro = AutoModelForCausalLM.from_pretrained(tmp_path / "pro").eval()
     assert pro.config.num_hidden_layers == layers + 2
     ids = torch.tensor([[3, 17, 42, 99, 7]])
@@ -32,18 +43,35 @@ def test_num_expand_must_divide_the_blocks() -> None:
         expanded_state_dict({}, num_layers=3, num_expand=2)
 
 
-def test_use_llama_pro_trains_only_the_inserted_blocks(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_use_llama_pro_trains_only_the_inserted_blocks(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from configs import RayftConfig
     from jobs.model import build_trainable_model
 
-    main(["expand-model", str(tiny_model_dir), "--num-expand", "2", "--output", str(tmp_path / "pro")])
+    main(
+        [
+            "expand-model",
+            str(tiny_model_dir),
+            "--num-expand",
+            "2",
+            "--output",
+            str(tmp_path / "pro"),
+        ]
+    )
     config = RayftConfig(
-        model_name_or_path=str(tmp_path / "pro"), finetuning_type="freeze", use_llama_pro=True,
-        freeze_trainable_layers=2, disable_gradient_checkpointing=True,
+        model_name_or_path=str(tmp_path / "pro"),
+        finetuning_type="freeze",
+        use_llama_pro=True,
+        freeze_trainable_layers=2,
+        disable_gradient_checkpointing=True,
     )
     model = build_trainable_model(config, on_gpu=False)
     layers = model.config.num_hidden_layers
-    trained = {int(name.split(".layers.")[1].split(".")[0])
-               for name, p in model.named_parameters() if p.requires_grad}
+    trained = {
+        int(name.split(".layers.")[1].split(".")[0])
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
     stride = layers // 2
     assert trained == {stride - 1, layers - 1}  # the copy after each half

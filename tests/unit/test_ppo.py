@@ -58,8 +58,15 @@ def test_left_pad_and_mask_after_first_eos() -> None:
 
 
 def test_concat_rollouts_pads_prompts_left_and_responses_right() -> None:
-    a = Rollout(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]), torch.tensor([[3]]), torch.tensor([[True]]))
-    b = Rollout(torch.tensor([[4]]), torch.tensor([[1]]), torch.tensor([[5, 6]]), torch.tensor([[True, True]]))
+    a = Rollout(
+        torch.tensor([[1, 2]]), torch.tensor([[1, 1]]), torch.tensor([[3]]), torch.tensor([[True]])
+    )
+    b = Rollout(
+        torch.tensor([[4]]),
+        torch.tensor([[1]]),
+        torch.tensor([[5, 6]]),
+        torch.tensor([[True, True]]),
+    )
     merged = concat_rollouts([a, b], PAD)
     assert merged.sequences.tolist() == [[1, 2, 3, PAD], [PAD, 4, 5, 6]]
     assert merged.attention_mask.tolist() == [[1, 1, 1, 0], [0, 1, 1, 1]]
@@ -73,11 +80,22 @@ def test_rollout_logps_reproduce_generation_with_left_padding(tiny_model_dir: Pa
     ids, mask = left_pad(prompts, PAD)
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-            min_new_tokens=6, pad_token_id=PAD, output_logits=True, return_dict_in_generate=True,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            min_new_tokens=6,
+            pad_token_id=PAD,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
-    response = out.sequences[:, ids.size(1):]
-    sampled = torch.stack(out.logits, dim=1).log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    response = out.sequences[:, ids.size(1) :]
+    sampled = (
+        torch.stack(out.logits, dim=1)
+        .log_softmax(-1)
+        .gather(-1, response.unsqueeze(-1))
+        .squeeze(-1)
+    )
     rollout = Rollout(ids, mask, response, torch.ones_like(response, dtype=torch.bool))
     with torch.no_grad():
         ours = response_logps(model, rollout, temperature=0.0)
@@ -103,9 +121,13 @@ def test_generated_rollouts_group_repeats_and_stop_at_eos(tiny_model_dir: Path) 
         assert 1 <= len(ids) <= 5 and EOS not in ids[:-1]
 
 
-def test_full_finetuning_reference_is_a_frozen_copy_of_the_base(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_full_finetuning_reference_is_a_frozen_copy_of_the_base(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     config = RayftConfig(
-        model_name_or_path=str(tiny_model_dir), finetuning_type="full", output_dir=str(tmp_path),
+        model_name_or_path=str(tiny_model_dir),
+        finetuning_type="full",
+        output_dir=str(tmp_path),
     )
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with torch.no_grad():
@@ -137,7 +159,9 @@ def test_values_per_token_equal_the_pooled_score_of_each_prefix(tiny_model_dir: 
     model.config.pad_token_id = PAD
     prompt, response = [20, 21, 22], [40, 41, 42]
     rollout = Rollout(
-        torch.tensor([prompt]), torch.ones(1, 3, dtype=torch.long), torch.tensor([response]),
+        torch.tensor([prompt]),
+        torch.ones(1, 3, dtype=torch.long),
+        torch.tensor([response]),
         torch.ones(1, 3, dtype=torch.bool),
     )
     with torch.no_grad():
@@ -158,7 +182,9 @@ def test_values_of_a_lora_value_model_use_its_trained_head(tiny_model_dir: Path)
     with torch.no_grad():
         model.score.weight.add_(1.0)  # the adapter's copy of the head (modules_to_save)
     rollout = Rollout(
-        torch.tensor([[20, 21]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([[40, 41]]),
+        torch.tensor([[20, 21]]),
+        torch.ones(1, 2, dtype=torch.long),
+        torch.tensor([[40, 41]]),
         torch.ones(1, 2, dtype=torch.bool),
     )
     with torch.no_grad():
@@ -206,7 +232,9 @@ def test_masked_mean_ignores_padding_of_short_responses() -> None:
 @pytest.fixture
 def reward_module(monkeypatch: pytest.MonkeyPatch) -> str:
     module = types.ModuleType("rayft_test_rewards")
-    module.length = lambda prompts, completions, completion_ids, **kw: [float(len(c)) for c in completion_ids]
+    module.length = lambda prompts, completions, completion_ids, **kw: [
+        float(len(c)) for c in completion_ids
+    ]
     module.half = lambda prompts, completions, completion_ids, **kw: [0.5, None]
     module.short = lambda prompts, completions, completion_ids, **kw: [1.0]
     module.text = lambda prompts, completions, completion_ids, **kw: ["high", "low"]
@@ -232,29 +260,45 @@ def test_reward_functions_are_summed_and_none_is_skipped(reward_module: str) -> 
         ("{module}:not_callable", "has no function `not_callable`"),
     ],
 )
-def test_reward_function_import_errors_name_the_path(reward_module: str, name: str, message: str) -> None:
+def test_reward_function_import_errors_name_the_path(
+    reward_module: str, name: str, message: str
+) -> None:
     with pytest.raises(RewardError, match=message):
         load_reward_funcs([name.format(module=reward_module)])
 
 
-@pytest.mark.parametrize(("name", "message"), [("short", "one float per completion"), ("text", "non-number")])
-def test_reward_function_bad_returns_are_reported(reward_module: str, name: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "message"), [("short", "one float per completion"), ("text", "non-number")]
+)
+def test_reward_function_bad_returns_are_reported(
+    reward_module: str, name: str, message: str
+) -> None:
     path = f"{reward_module}:{name}"
     with pytest.raises(RewardError, match=message):
         call_reward_funcs(
-            load_reward_funcs([path]), [path], prompts=["p", "q"], completions=["a", "b"],
+            load_reward_funcs([path]),
+            [path],
+            prompts=["p", "q"],
+            completions=["a", "b"],
             completion_ids=[[1], [2]],
         )
 
 
 def _spec(path: Path | None, kind: str, base: Path, funcs: tuple[str, ...] = ()) -> RewardSpec:
     return RewardSpec(
-        reward_model=str(path) if path else None, reward_model_type=kind, base_model=str(base),
-        reward_funcs=funcs, pad_id=PAD, trust_remote_code=False, threads=1,
+        reward_model=str(path) if path else None,
+        reward_model_type=kind,
+        base_model=str(base),
+        reward_funcs=funcs,
+        pad_id=PAD,
+        trust_remote_code=False,
+        threads=1,
     )
 
 
-def test_reward_service_scores_with_a_full_and_a_lora_reward_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_reward_service_scores_with_a_full_and_a_lora_reward_model(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     from peft import LoraConfig, get_peft_model
 
     full = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
@@ -269,20 +313,30 @@ def test_reward_service_scores_with_a_full_and_a_lora_reward_model(tiny_model_di
         service = RewardService(_spec(tmp_path / kind, kind, tiny_model_dir))
         scores = service.score(["", ""], ["", ""], [[40], [41]], sequences)
         with torch.no_grad():
-            expected = [model.eval()(input_ids=torch.tensor([row])).logits.item() for row in sequences]
+            expected = [
+                model.eval()(input_ids=torch.tensor([row])).logits.item() for row in sequences
+            ]
         assert scores == pytest.approx(expected, abs=1e-5), kind  # right padding is not scored
 
 
-def test_a_reward_model_of_the_wrong_type_says_which_type(tiny_model_dir: Path, tmp_path: Path) -> None:
-    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(tmp_path / "rm")
+def test_a_reward_model_of_the_wrong_type_says_which_type(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1
+    ).save_pretrained(tmp_path / "rm")
     with pytest.raises(RewardError, match="set reward_model_type: full"):
         check_reward_source(_spec(tmp_path / "rm", "lora", tiny_model_dir))
 
 
 def _ppo_values(model_dir: Path, tmp_path: Path, **keys: object) -> Path:
     values = {
-        "model_name_or_path": str(model_dir), "template": "qwen", "dataset": "alpaca_en_demo",
-        "dataset_dir": str(ROOT / "data"), "output_dir": str(tmp_path / "out"), **keys,
+        "model_name_or_path": str(model_dir),
+        "template": "qwen",
+        "dataset": "alpaca_en_demo",
+        "dataset_dir": str(ROOT / "data"),
+        "output_dir": str(tmp_path / "out"),
+        **keys,
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -299,21 +353,32 @@ def test_rollout_keys_of_another_stage_are_errors(tiny_model_dir: Path, tmp_path
     with pytest.raises(ConfigError, match="ppo_epochs applies to stage ppo only"):
         load_run_config(_ppo_values(tiny_model_dir, tmp_path, stage="sft", ppo_epochs=2))
     with pytest.raises(ConfigError, match="num_generations applies to stage grpo only"):
-        load_run_config(_ppo_values(
-            tiny_model_dir, tmp_path, stage="ppo", reward_funcs=["m:f"], num_generations=4
-        ))
+        load_run_config(
+            _ppo_values(
+                tiny_model_dir, tmp_path, stage="ppo", reward_funcs=["m:f"], num_generations=4
+            )
+        )
     with pytest.raises(ConfigError, match="not an import path"):
         load_run_config(_ppo_values(tiny_model_dir, tmp_path, stage="grpo", reward_funcs=["m.f"]))
 
 
 def test_ppo_config_with_llamafactory_keys_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
-    config = load_run_config(_ppo_values(
-        tiny_model_dir, tmp_path, stage="ppo", reward_model="saves/rm", reward_model_type="full",
-        ppo_epochs=2, ppo_buffer_size=2, ppo_target=3.0, ppo_score_norm=True,
-        ppo_whiten_rewards=True, top_k=10,
-    ))
+    config = load_run_config(
+        _ppo_values(
+            tiny_model_dir,
+            tmp_path,
+            stage="ppo",
+            reward_model="saves/rm",
+            reward_model_type="full",
+            ppo_epochs=2,
+            ppo_buffer_size=2,
+            ppo_target=3.0,
+            ppo_score_norm=True,
+            ppo_whiten_rewards=True,
+            top_k=10,
+        )
+    )
     assert (config.ppo_epochs, config.ppo_buffer_size, config.ppo_target) == (2, 2, 3.0)
     # An epoch of 10 micro-batches makes ceil(10 / (2 accum x 2 buffers)) = 3 rollout steps.
     accum = config.model_copy(update={"gradient_accumulation_steps": 2, "num_train_epochs": 1.0})
     assert rollout_steps(accum, micro_per_epoch=10, planned=5) == 3
-

@@ -30,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _config(model_dir: Path, tmp_path: Path, **keys: object) -> RayftConfig:
     return RayftConfig(
-        model_name_or_path=str(model_dir), template="qwen", dataset_dir=str(ROOT / "data"),
-        output_dir=str(tmp_path / "out"), **keys,
+        model_name_or_path=str(model_dir),
+        template="qwen",
+        dataset_dir=str(ROOT / "data"),
+        output_dir=str(tmp_path / "out"),
+        **keys,
     )
 
 
@@ -49,8 +52,12 @@ def test_wrong_data_family_fails_before_training(
     stage: str, dataset: str, needs: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     overrides = [
-        f"model_name_or_path={tiny_model_dir}", "template=qwen", f"stage={stage}",
-        f"dataset={dataset}", f"dataset_dir={ROOT / 'data'}", f"output_dir={tmp_path}",
+        f"model_name_or_path={tiny_model_dir}",
+        "template=qwen",
+        f"stage={stage}",
+        f"dataset={dataset}",
+        f"dataset_dir={ROOT / 'data'}",
+        f"output_dir={tmp_path}",
     ]
     with pytest.raises(ConfigError) as err:
         load_run_config(None, overrides)
@@ -102,17 +109,27 @@ def test_orpo_is_llamafactory_formula(tiny_model_dir: Path, tmp_path: Path) -> N
 def _batch(tokenizer: AutoTokenizer, stage: str) -> dict[str, torch.Tensor]:
     prompt = tokenizer.encode("Who are you?")
     good, bad = tokenizer.encode(" I am Rayft."), tokenizer.encode(" No idea, really.")
+
     def row(answer: list[int]) -> tuple[list[int], list[int]]:
         return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
     if stage == "dpo":
         (c_ids, c_lab), (r_ids, r_lab) = row(good), row(bad)
-        raw = {"chosen_input_ids": [c_ids, r_ids], "chosen_labels": [c_lab, r_lab],
-               "rejected_input_ids": [r_ids, c_ids], "rejected_labels": [r_lab, c_lab]}
+        raw = {
+            "chosen_input_ids": [c_ids, r_ids],
+            "chosen_labels": [c_lab, r_lab],
+            "rejected_input_ids": [r_ids, c_ids],
+            "rejected_labels": [r_lab, c_lab],
+        }
     else:
         (a_ids, a_lab), (b_ids, b_lab) = row(good), row(bad)
-        raw = {"input_ids": [a_ids, b_ids], "labels": [a_lab, b_lab],
-               "kl_input_ids": [b_ids, a_ids], "kl_labels": [b_lab, a_lab],
-               "kto_tags": np.array([True, False])}
+        raw = {
+            "input_ids": [a_ids, b_ids],
+            "labels": [a_lab, b_lab],
+            "kl_input_ids": [b_ids, a_ids],
+            "kl_labels": [b_lab, a_lab],
+            "kto_tags": np.array([True, False]),
+        }
     return get_stage(stage).collate(raw, tokenizer.pad_token_id)
 
 
@@ -124,7 +141,9 @@ def test_policy_equal_to_reference_gives_the_neutral_loss(
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     config = _config(tiny_model_dir, tmp_path, stage=stage)
     batch = _batch(tokenizer, stage)
-    context = StepContext(model=model, reference=Reference(model, contextlib.nullcontext), config=config)
+    context = StepContext(
+        model=model, reference=Reference(model, contextlib.nullcontext), config=config
+    )
     output = get_stage(stage).loss(context, batch)
     units = get_stage(stage).count(batch)
     assert units == 2
@@ -152,6 +171,8 @@ def test_reward_pad_is_never_the_eos() -> None:
 
 
 def test_pretrain_collate_masks_the_pad_id_like_llamafactory() -> None:
-    batch = get_stage("pt").collate({"input_ids": [[7, 8, 0], [9, 0]], "labels": [[7, 8, 0], [9, 0]]}, 0)
+    batch = get_stage("pt").collate(
+        {"input_ids": [[7, 8, 0], [9, 0]], "labels": [[7, 8, 0], [9, 0]]}, 0
+    )
     assert batch["labels"].tolist() == [[7, 8, IGNORE_INDEX], [9, IGNORE_INDEX, IGNORE_INDEX]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]

@@ -53,7 +53,11 @@ def test_a_stream_with_max_steps_loads_and_plans_without_a_row_count(
         ),
         ({"max_steps": 5, "tokenized_path": "tok"}, "remove tokenized_path"),
         (
-            {"max_steps": 5, "dataset": "alpaca_en_demo,identity", "mix_strategy": "interleave_under"},
+            {
+                "max_steps": 5,
+                "dataset": "alpaca_en_demo,identity",
+                "mix_strategy": "interleave_under",
+            },
             "use mix_strategy: concat",
         ),
     ],
@@ -76,6 +80,7 @@ def test_several_conflicts_are_reported_together(tiny_model_dir: Path, tmp_path:
 def test_a_batch_digest_depends_on_the_rows_not_on_their_memory_layout() -> None:
     """Zero-copy slices of one block share buffers; they must still count as different rows,
     and a re-read batch (a fresh table, or several chunks) as the same rows."""
+
     def table(start: int, stop: int) -> pa.Table:
         ids = [[i, i + 1] for i in range(start, stop)]
         return pa.table({"input_ids": ids, "skip_reason": [""] * len(ids)})

@@ -205,14 +205,26 @@ def test_cli_submits_a_sweep_with_tune_checks(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({
-        "model_name_or_path": "Qwen/Qwen2.5-0.5B", "dataset": "x",
-        "tune": {"search_space": {"lora_rank": {"choice": [8, 16]}}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "Qwen/Qwen2.5-0.5B",
+                "dataset": "x",
+                "tune": {"search_space": {"lora_rank": {"choice": [8, 16]}}},
+            }
+        )
+    )
     assert cli.main(["submit", str(config), "--tune", "--dry-run", "--skip-local-checks"]) == 0
     assert f"python -m jobs.tune {SHIPPED_CONFIG}" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"model_name_or_path": "m", "dataset": "x",
-                                   "tune": {"search_space": {"lora_rnk": {"choice": [8]}}}}))
+    bad.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": "m",
+                "dataset": "x",
+                "tune": {"search_space": {"lora_rnk": {"choice": [8]}}},
+            }
+        )
+    )
     assert cli.main(["submit", str(bad), "--tune", "--dry-run", "--skip-local-checks"]) == 1
     assert "did you mean `lora_rank`" in capsys.readouterr().err

@@ -21,7 +21,9 @@ def _load(*overrides: str):
 
 
 def test_search_space_on_an_unknown_key_names_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"tune.search_space.learning_rat.*did you mean `learning_rate`"):
+    with pytest.raises(
+        ConfigError, match=r"tune.search_space.learning_rat.*did you mean `learning_rate`"
+    ):
         _load("tune={search_space: {learning_rat: {choice: [1.0e-4]}}}")
 
 
@@ -60,12 +62,14 @@ def test_param_space_maps_every_distribution() -> None:
 
 def test_eval_and_stage_metrics_are_tunable_when_reported() -> None:
     config = _load(
-        "val_size=0.1", "eval_strategy=steps",
+        "val_size=0.1",
+        "eval_strategy=steps",
         "tune={search_space: {lora_rank: {choice: [8]}}, metric: eval_loss}",
     )
     assert config.tune.metric == "eval_loss"
     _load(
-        "stage=dpo", "dataset=dpo_en_demo",
+        "stage=dpo",
+        "dataset=dpo_en_demo",
         "tune={search_space: {pref_beta: {choice: [0.1]}}, metric: rewards/accuracies, mode: max}",
     )
     with pytest.raises(ConfigError, match="`rewards/accuracies` is never reported"):
@@ -73,8 +77,9 @@ def test_eval_and_stage_metrics_are_tunable_when_reported() -> None:
 
 
 def test_default_metric_is_eval_loss_when_the_run_evaluates() -> None:
-    evaluating = _load("val_size=0.1", "eval_strategy=steps",
-                       "tune={search_space: {lora_rank: {choice: [8]}}}")
+    evaluating = _load(
+        "val_size=0.1", "eval_strategy=steps", "tune={search_space: {lora_rank: {choice: [8]}}}"
+    )
     assert evaluating.tune.metric is None and evaluating.tune_metric == "eval_loss"
     plain = _load("tune={search_space: {lora_rank: {choice: [8]}}}")
     assert plain.tune_metric == "loss"
