@@ -7,7 +7,9 @@ ratio. A last line gives the floor of any Ray pipeline on this machine, measured
 run: starting a private cluster, one worker process loading the tokenizer, and the bare Rust
 encoding of each row's prompt and response spread perfectly over every CPU; no Python per
 row, no reading or writing. When it exceeds half of LLaMA-Factory's time, 2x is out of reach
-here whatever the pipeline does.
+here whatever the pipeline does. The line after it times rayft's own per-row work (parse,
+template, tokenize, write parquet) in as many plain processes, with no Ray at all
+(`plain_processes.py`): what a perfect orchestration of that work would take.
 
 With `--rayft-only --rows 10000,100000,1000000` it reports rayft's peak memory per size
 instead, to show it stays flat: the summed RSS of the whole process tree (Ray workers
@@ -159,7 +161,13 @@ def run_rayft(
     # Counted in Arrow: a million rows as Python lists would take more memory than the run.
     kept = table.filter(pc.equal(table["skip_reason"], ""))
     tokens = pc.sum(pc.list_value_length(kept["input_ids"])).as_py() or 0
-    return {"rows": kept.num_rows, "tokens": tokens, "seconds": seconds, "memory": memory}
+    return {
+        "rows": kept.num_rows,
+        "tokens": tokens,
+        "seconds": seconds,
+        "memory": memory,
+        "config": config,
+    }
 
 
 def run_llamafactory(
@@ -247,6 +255,29 @@ def fresh_python_seconds(code: str, *args: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def plain_processes_line(config: Path, data_dir: Path, work: Path, cpus: int) -> str:
+    """The time of rayft's own per-row work (parse, template, tokenize, write) in `cpus` plain
+    processes, no Ray (`benchmarks/plain_processes.py`): what a perfect orchestration of it
+    would take."""
+    done = subprocess.run(
+        [
+            str(ROOT / ".venv/bin/python"),
+            str(ROOT / "benchmarks/plain_processes.py"),
+            str(config),
+            str(data_dir / "bench.jsonl"),
+            str(work),
+            "--processes",
+            str(cpus),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    seconds = float(done.stdout.split()[-1])
+    return f"{'':14}rayft's per-row work alone in {cpus} plain processes (no Ray): {seconds:.1f} s"
+
+
 def floor_line(data_dir: Path, tokenizer: Path, cpus: int, lf_seconds: float) -> str:
     """What 2x LLaMA-Factory would need, next to the least any Ray pipeline can take here."""
     encode = encode_floor(data_dir, tokenizer)
@@ -329,6 +360,10 @@ def main() -> None:
                     f"{theirs['tokens'] / theirs['seconds']:11.0f} tok/s\n{'':14}speed-up: {theirs['seconds'] / ours['seconds']:.2f}x "
                     f"(same {ours['tokens']} tokens)\n"
                     + floor_line(data, tokenizer, psutil.cpu_count() or 1, theirs["seconds"])
+                    + "\n"
+                    + plain_processes_line(
+                        ours["config"], data, tmp / f"plain{n}", psutil.cpu_count() or 1
+                    )
                 )
             print(line, flush=True)
 
