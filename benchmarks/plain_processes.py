@@ -51,7 +51,8 @@ def _range_bytes(path: Path, start: int, end: int) -> Iterator[bytes]:
 
 def tokenize_range(job: tuple[str, str, str, int, int]) -> int:
     """Parse, tokenize and write one byte range; returns its rows."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # a spawned process starts without the checkout on its path
+        sys.path.insert(0, str(ROOT))
     from configs.loader import load_config
     from data_pipelines.dataset_info import resolve_dataset
     from data_pipelines.families import get_family
