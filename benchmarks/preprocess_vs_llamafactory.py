@@ -243,46 +243,37 @@ print(time.perf_counter() - started)
 """
 
 
-def fresh_python_seconds(code: str, *args: str) -> float:
-    """Seconds `code` reports from a fresh interpreter of rayft's venv (its last line)."""
+def fresh_python_seconds(*argv: str) -> float:
+    """Seconds a fresh interpreter of rayft's venv reports for `argv` (its output's last word)."""
     done = subprocess.run(
-        [str(ROOT / ".venv/bin/python"), "-c", code, *args],
+        [str(ROOT / ".venv/bin/python"), *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,
         check=True,
     )
-    return float(done.stdout.strip().splitlines()[-1])
+    return float(done.stdout.split()[-1])
 
 
 def plain_processes_line(config: Path, data_dir: Path, work: Path, cpus: int) -> str:
     """The time of rayft's own per-row work (parse, template, tokenize, write) in `cpus` plain
     processes, no Ray (`benchmarks/plain_processes.py`): what a perfect orchestration of it
     would take."""
-    done = subprocess.run(
-        [
-            str(ROOT / ".venv/bin/python"),
-            str(ROOT / "benchmarks/plain_processes.py"),
-            str(config),
-            str(data_dir / "bench.jsonl"),
-            str(work),
-            "--processes",
-            str(cpus),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=True,
+    seconds = fresh_python_seconds(
+        str(ROOT / "benchmarks/plain_processes.py"),
+        str(config),
+        str(data_dir / "bench.jsonl"),
+        str(work),
+        f"--processes={cpus}",
     )
-    seconds = float(done.stdout.split()[-1])
     return f"{'':14}rayft's per-row work alone in {cpus} plain processes (no Ray): {seconds:.1f} s"
 
 
 def floor_line(data_dir: Path, tokenizer: Path, cpus: int, lf_seconds: float) -> str:
     """What 2x LLaMA-Factory would need, next to the least any Ray pipeline can take here."""
     encode = encode_floor(data_dir, tokenizer)
-    ray_start = fresh_python_seconds(RAY_START)
-    worker_start = fresh_python_seconds(TOKENIZER_LOAD, str(tokenizer))
+    ray_start = fresh_python_seconds("-c", RAY_START)
+    worker_start = fresh_python_seconds("-c", TOKENIZER_LOAD, str(tokenizer))
     floor = encode / cpus + ray_start + worker_start
     return (
         f"{'':14}floor of any Ray pipeline here: starting Ray {ray_start:.1f} s + a worker "

@@ -12,22 +12,15 @@ from cluster.cli import main
 from jobs.llama_pro import expanded_state_dict
 
 
+def expand_by_two(model: Path, out: Path) -> int:
+    """`rayft expand-model MODEL --num-expand 2 --output OUT`; its exit code."""
+    return main(["expand-model", str(model), "--num-expand", "2", "--output", str(out)])
+
+
 def test_expanded_model_computes_the_same_logits(tiny_model_dir: Path, tmp_path: Path) -> None:
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     layers = base.config.num_hidden_layers
-    assert (
-        main(
-            [
-                "expand-model",
-                str(tiny_model_dir),
-                "--num-expand",
-                "2",
-                "--output",
-                str(tmp_path / "pro"),
-            ]
-        )
-        == 0
-    )
+    assert expand_by_two(tiny_model_dir, tmp_path / "pro") == 0
     pro = AutoModelForCausalLM.from_pretrained(tmp_path / "pro").eval()
     assert pro.config.num_hidden_layers == layers + 2
     ids = torch.tensor([[3, 17, 42, 99, 7]])
@@ -49,16 +42,7 @@ def test_use_llama_pro_trains_only_the_inserted_blocks(
     from configs import RayftConfig
     from jobs.model import build_trainable_model
 
-    main(
-        [
-            "expand-model",
-            str(tiny_model_dir),
-            "--num-expand",
-            "2",
-            "--output",
-            str(tmp_path / "pro"),
-        ]
-    )
+    expand_by_two(tiny_model_dir, tmp_path / "pro")
     config = RayftConfig(
         model_name_or_path=str(tmp_path / "pro"),
         finetuning_type="freeze",
